@@ -47,9 +47,12 @@ class ChunkWorker:
         self.processor = RowProcessor(fmt, context, chem.Limits(**limits))
 
     def process(self, chunk: int, first_row: int, records: list) -> dict:
+        import ray
+
         table, rejects = process_chunk(self.processor, first_row, records)
         atomic_write_parquet(table, os.path.join(self.out, shard_name(chunk)))
         summary = {"chunk": chunk, "first_row": first_row, "rows": len(records), "accepted": table.num_rows,
+                   "node_id": ray.get_runtime_context().get_node_id(),
                    "rejected_by_reason": dict(collections.Counter(r["reason"] for r in rejects)), "rejects": rejects}
         atomic_write_json(summary, _chunk_summary_path(self.out, chunk))
         del summary["rejects"]  # the driver only needs the counts
@@ -64,9 +67,12 @@ def _fingerprint(path: str) -> str:
     return f"{os.path.getsize(path)}:{h.hexdigest()[:16]}"
 
 
-def _start_ray(address: str | None, workers: int | None):
+def _start_ray(address: str | None, workers: int | None) -> bool:
+    """Connect to Ray; True when this call started it (and so must shut it down)."""
     import ray
 
+    if ray.is_initialized():  # a notebook or test that already connected
+        return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     address = address or os.environ.get("RAY_ADDRESS")
@@ -76,7 +82,7 @@ def _start_ray(address: str | None, workers: int | None):
         cpus = max(workers or 0, os.cpu_count() or 1)
         ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False,
                  object_store_memory=256 * 1024 * 1024)
-    return ray
+    return True
 
 
 def run(input: str, output: str, fmt: str = "auto", ray_address: str | None = None, workers: int | None = None,
@@ -100,15 +106,21 @@ def run(input: str, output: str, fmt: str = "auto", ray_address: str | None = No
     for stale in glob.glob(os.path.join(output, "**", "*.tmp-*"), recursive=True):
         os.remove(stale)  # half-written files of a killed run
 
-    ray = _start_ray(ray_address, workers)
+    import ray
+
+    started = _start_ray(ray_address, workers)
     start = time.time()
     try:
         n_workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         actor_cls = ray.remote(num_cpus=1)(ChunkWorker)
         actors = [actor_cls.remote(os.path.abspath(output), src.fmt, src.context, limits) for _ in range(n_workers)]
-        summaries = _drive(ray, actors, src, output, chunk_size, progress)
+        try:
+            summaries = _drive(ray, actors, src, output, chunk_size, progress)
+        finally:
+            for a in actors:
+                ray.kill(a)
     finally:
-        if not (ray_address or os.environ.get("RAY_ADDRESS")):
+        if started:
             ray.shutdown()
     elapsed = time.time() - start
     return _finish(output, summaries, settings, n_workers, elapsed)

@@ -1,0 +1,216 @@
+"""`python -m benchmarks.preprocess`: how close preprocessing runs to the chemistry it cannot avoid.
+
+Measured in one run on MOSES molecules, printed as one JSON object on the last stdout line:
+
+- floor vs pipeline, one process, the same molecules: the floor is the bare RDKit/SELFIES calls every
+  molecule needs; the pipeline is `process_chunk` plus writing each chunk's Parquet file. Their ratio
+  is what our own Python (featurisation, motifs, Arrow building, serialisation) costs on top.
+- Ray scaling: the real CLI with 1 and 2 workers attached to one pre-started Ray head, so cluster
+  start-up (seconds) is outside the timing; we use the manifest's `elapsed_s`.
+- driver memory: peak RSS of the CLI driver process alone over a small and a 10x larger input; the
+  driver streams its input, so the peak should barely grow.
+
+Progress goes to stderr. `--quick` uses small sizes for a smoke run.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import gzip
+import importlib.util
+import itertools
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHUNK = 1000
+TARGETS = {"cost_ratio_to_floor_max": 1.3, "driver_rss_ratio_200k_over_20k_max": 1.2}
+SIZES = {  # molecules per measurement
+    "full": {"ratio": 5000, "speedup": 20000, "rss_large": 200000},
+    "quick": {"ratio": 1000, "speedup": 4000, "rss_large": 20000},
+}
+
+# Runs the CLI in this process and then reports this process's own peak RSS (kB on Linux); Ray
+# workers are separate processes and do not count.
+_DRIVER = ("import json, resource, sys\nfrom graph.preprocess import main\nrc = main(sys.argv[1:])\n"
+           "print(json.dumps({'driver_maxrss_kb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))\n"
+           "sys.exit(rc)\n")
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def moses_smiles(split: str, n: int) -> list[str]:
+    """The first n SMILES of a MOSES split (a fixed slice, so runs are comparable). Never imports moses."""
+    root = importlib.util.find_spec("moses").submodule_search_locations[0]
+    with gzip.open(os.path.join(root, "dataset", "data", f"{split}.csv.gz"), "rt", newline="") as f:
+        rows = csv.DictReader(f)
+        out = [r["SMILES"] for r in itertools.islice(rows, n)]
+    if len(out) < n:
+        raise SystemExit(f"MOSES {split} has only {len(out)} rows, {n} wanted")
+    return out
+
+
+# ------------------------------------------------------------------------------ floor vs pipeline
+def floor_pass(smiles: list[str]) -> float:
+    """Molecules/s of the unavoidable RDKit and SELFIES calls alone (objects built outside the clock)."""
+    import selfies
+    from rdkit import Chem
+    from rdkit.Chem import BRICS
+    from rdkit.Chem.MolStandardize import rdMolStandardize
+
+    chooser = rdMolStandardize.LargestFragmentChooser(preferOrganic=True)  # as graph.chem.Standardizer
+    uncharger = rdMolStandardize.Uncharger()
+    start = time.perf_counter()
+    for smi in smiles:
+        mol = Chem.MolFromSmiles(smi)
+        if mol is None:
+            continue
+        mol = uncharger.uncharge(chooser.choose(rdMolStandardize.Cleanup(mol)))
+        canonical = Chem.MolToSmiles(mol)
+        list(BRICS.FindBRICSBonds(mol))
+        selfies.encoder(canonical)
+    return len(smiles) / (time.perf_counter() - start)
+
+
+def pipeline_pass(smiles: list[str], out_dir: str) -> float:
+    """Molecules/s of the project's per-molecule path: process_chunk plus the shard write, per chunk."""
+    from graph import chem
+    from graph.atomic import atomic_write_parquet
+    from graph.records import RowProcessor, process_chunk
+
+    processor = RowProcessor("smiles", {}, chem.Limits())  # built once per worker in the real job
+    start = time.perf_counter()
+    for first in range(0, len(smiles), CHUNK):
+        table, _ = process_chunk(processor, first, [(s, None) for s in smiles[first:first + CHUNK]])
+        atomic_write_parquet(table, os.path.join(out_dir, f"shard-{first // CHUNK:06d}.parquet"))
+    return len(smiles) / (time.perf_counter() - start)
+
+
+def cost_ratio(smiles: list[str], tmp: str, repeats: int = 3) -> dict:
+    """Alternate floor and pipeline passes and keep each one's best: a burst of load on the other core
+    then slows one pass of either kind, not one kind systematically."""
+    floor_pass(smiles[:200])  # warm-up: lazy imports, RDKit/SELFIES caches
+    pipeline_pass(smiles[:200], tempfile.mkdtemp(dir=tmp))
+    floors, pipes = [], []
+    for i in range(repeats):
+        floors.append(floor_pass(smiles))
+        pipes.append(pipeline_pass(smiles, tempfile.mkdtemp(dir=tmp)))
+        log(f"ratio pass {i + 1}/{repeats}: floor {floors[-1]:.0f} mol/s, pipeline {pipes[-1]:.0f} mol/s")
+    return {
+        "floor_mol_per_s": round(max(floors), 1), "pipeline_mol_per_s": round(max(pipes), 1),
+        "cost_ratio_to_floor": round(max(floors) / max(pipes), 3),
+        "cost_ratio_to_floor_median": round(statistics.median(floors) / statistics.median(pipes), 3),
+        "n_molecules_ratio": len(smiles), "ratio_repeats": repeats,
+    }
+
+
+# ------------------------------------------------------------------------------------- Ray CLI
+def _env() -> dict:
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")  # the workers import `graph`
+    return env
+
+
+@contextlib.contextmanager
+def ray_head(tmp: str):
+    """One local Ray head (2 CPUs) for all CLI runs, yielding its address.
+
+    Started in this process rather than with `ray start`, so that `ray.shutdown()` stops exactly the
+    processes it started (`ray stop` would kill every Ray process on the machine). A short temp dir
+    keeps Ray's socket paths under 108 characters.
+    """
+    os.environ.update({k: v for k, v in _env().items() if k.startswith(("RAY_", "PYTHONPATH"))})
+    import ray
+
+    ctx = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=tmp,
+                   object_store_memory=256 * 1024 * 1024)
+    try:
+        yield ctx.address_info["gcs_address"]
+    finally:
+        ray.shutdown()
+
+
+def run_cli(input_path: str, out_dir: str, workers: int, address: str) -> dict:
+    """One `graph.preprocess` run in a fresh driver process: manifest timing plus the driver's peak RSS."""
+    argv = ["--input", input_path, "--output", out_dir, "--workers", str(workers), "--chunk-size", str(CHUNK),
+            "--ray-address", address, "--no-progress"]
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", _DRIVER, *argv], cwd=REPO, env=_env(), capture_output=True,
+                          text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"preprocess CLI failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
+    rss_kb = json.loads(proc.stdout.strip().splitlines()[-1])["driver_maxrss_kb"]
+    with open(os.path.join(out_dir, "manifest.json")) as f:
+        m = json.load(f)
+    log(f"CLI {m['input_rows']} rows, {workers} worker(s): {m['elapsed_s']:.2f} s "
+        f"({m['mol_per_s']:.0f} mol/s), process wall {wall:.1f} s, driver peak RSS {rss_kb / 1024:.0f} MB")
+    return {"elapsed_s": m["elapsed_s"], "rows": m["input_rows"], "wall_s": wall, "rss_mb": rss_kb / 1024}
+
+
+def write_smi(smiles: list[str], path: str) -> str:
+    with open(path, "w") as f:
+        f.write("smiles\n" + "\n".join(smiles) + "\n")
+    return path
+
+
+def ray_runs(sizes: dict, tmp: str) -> dict:
+    train = moses_smiles("train", sizes["rss_large"])
+    small = write_smi(train[:sizes["speedup"]], os.path.join(tmp, "small.smi"))
+    large = write_smi(train, os.path.join(tmp, "large.smi"))
+    del train
+    ray_tmp = tempfile.mkdtemp(prefix="rb", dir="/tmp")
+    out = lambda name: os.path.join(tmp, name)  # noqa: E731  (each run needs a fresh folder: no resume)
+    try:
+        with ray_head(ray_tmp) as address:
+            log(f"Ray head at {address}")
+            run_cli(small, out("warm"), 2, address)  # untimed: the head's worker processes start and import once
+            w1 = run_cli(small, out("w1"), 1, address)
+            w2 = run_cli(small, out("w2"), 2, address)
+            big = run_cli(large, out("big"), 2, address)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    n = w1["rows"]
+    return {
+        "ray_speedup_2_workers": round(w1["elapsed_s"] / w2["elapsed_s"], 3),
+        "mol_per_s_1_worker": round(n / w1["elapsed_s"], 1), "mol_per_s_2_workers": round(n / w2["elapsed_s"], 1),
+        "n_molecules_speedup": n,
+        "speedup_timing": "manifest elapsed_s (actor creation to last shard) on one pre-started Ray head; "
+                          "driver process wall times: 1 worker %.2f s, 2 workers %.2f s" % (w1["wall_s"], w2["wall_s"]),
+        "peak_rss_mb_driver_200k": round(big["rss_mb"], 1), "peak_rss_mb_driver_20k": round(w2["rss_mb"], 1),
+        "driver_rss_ratio_200k_over_20k": round(big["rss_mb"] / w2["rss_mb"], 3),
+        "n_molecules_rss_large": big["rows"], "n_molecules_rss_small": w2["rows"],
+        "rss_measure": "ru_maxrss (RUSAGE_SELF) of the CLI driver process, 2 workers, MOSES train",
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.preprocess", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    a = p.parse_args(argv)
+    sizes = SIZES["quick" if a.quick else "full"]
+    tmp = tempfile.mkdtemp(prefix="bench-preprocess-")
+    try:
+        log(f"floor vs pipeline on {sizes['ratio']} MOSES test molecules")
+        result = cost_ratio(moses_smiles("test", sizes["ratio"]), tmp)
+        log(f"Ray CLI runs: {sizes['speedup']} and {sizes['rss_large']} MOSES train molecules")
+        result.update(ray_runs(sizes, tmp))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    result.update(mode="quick" if a.quick else "full", targets=TARGETS,
+                  machine={"cpu_count": os.cpu_count(), "python": sys.version.split()[0]})
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
