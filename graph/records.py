@@ -131,7 +131,11 @@ class ChunkBuilder:
 
 
 # ----------------------------------------------------------------------------------------- formats
-_SELFIES_RE = re.compile(r"^(\[[^\[\]\s]+\]|\.|>)+$")
+
+
+def _looks_like_selfies(text: str) -> bool:
+    """SELFIES-shaped: bracketed tokens, no spaces. A broken one is then a reject, not prose."""
+    return text.startswith("[") and not any(c.isspace() for c in text)
 
 
 class RowProcessor:
@@ -190,7 +194,7 @@ class RowProcessor:
         mols = [encode(m) for m in self._molecules(rec["input"])]
         output = rec["output"].strip()
         out_smiles = None
-        if _SELFIES_RE.match(output):  # a molecule-valued answer: keep its canonical SMILES for evaluation
+        if _looks_like_selfies(output):  # a molecule-valued answer: keep its canonical SMILES for evaluation
             out_smiles = ".".join(
                 chem.Chem.MolToSmiles(self.std.component(chem.parse_smiles(chem.selfies_to_smiles(part))))
                 for part in output.split(".")
@@ -208,7 +212,7 @@ class RowProcessor:
         Reaction-style inputs ('reactants>>product', 'a.b') give every component in the written order.
         """
         text = text.strip()
-        if _SELFIES_RE.match(text):
+        if _looks_like_selfies(text):
             parts = [p for p in re.split(r"[>.]", text) if p]
             return [self.std.component(chem.parse_smiles(chem.selfies_to_smiles(p))) for p in parts]
         if text and not any(c.isspace() for c in text):
@@ -242,5 +246,7 @@ def _show(rec) -> str:
     if isinstance(rec, (list, tuple)):
         return "\t".join("" if v is None else str(v) for v in rec)[:1000]
     if isinstance(rec, dict):
+        if MALFORMED_KEY in rec:
+            return rec["line"]
         return json.dumps(rec, ensure_ascii=False)[:1000]
     return str(rec)[:1000]

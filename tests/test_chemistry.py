@@ -78,9 +78,8 @@ def test_brics_motifs(smiles, motifs):
     mol, _ = canonical_order(STD.parent(smiles))
     g = mol_to_graph(mol)
     assert g.num_motifs == len(motifs)
-    got = sorted(sorted(mol.GetAtomWithIdx(i).GetSymbol().lower() if mol.GetAtomWithIdx(i).GetIsAromatic()
-                        else mol.GetAtomWithIdx(i).GetSymbol() for i in np.flatnonzero(g.atom_motif == k))
-                 for k in range(g.num_motifs))
+    symbols = [a.GetSymbol().lower() if a.GetIsAromatic() else a.GetSymbol() for a in mol.GetAtoms()]
+    got = sorted(sorted(symbols[i] for i in np.flatnonzero(g.atom_motif == k)) for k in range(g.num_motifs))
     assert got == sorted(sorted(m) for m in motifs)
     # every motif is a connected piece: its atoms are linked by non-cut bonds only
     for k in range(g.num_motifs):
