@@ -1,0 +1,53 @@
+"""Small builders the stages share: data from preprocessed shards, optimizer and schedule, the encoder."""
+from __future__ import annotations
+
+import os
+import zlib
+
+import torch
+
+from .config import ConfigError, TrainConfig, check_path
+from .loop import lr_lambda
+
+
+def check_shards(path: str, key: str) -> None:
+    check_path(path, key, "preprocessed folder")
+    if not os.path.exists(os.path.join(path, "manifest.json")):
+        raise ConfigError(f"{key}: {path} has no manifest.json; run `python -m graph.preprocess --input FILE "
+                          f"--output {path}` first")
+
+
+def holdout_split(n: int, rows: list[int], fraction: float, max_heldout: int | None = None) -> tuple[list, list]:
+    """Deterministic train / held-out split by a hash of each input row id (stable across runs and ranks)."""
+    held = [i for i in range(n) if zlib.crc32(str(rows[i]).encode()) % 10_000 < fraction * 10_000]
+    if max_heldout is not None:
+        held = held[:max_heldout]
+    hs = set(held)
+    return [i for i in range(n) if i not in hs], held
+
+
+def optimizer_and_schedule(params, cfg: TrainConfig):
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise ConfigError("nothing to train: every parameter is frozen")
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+
+
+def build_encoder(init: str | None, cfg_dict: dict):
+    """A HierarchicalEncoder from a saved folder, or fresh from config values."""
+    from graph.encoder import EncoderConfig, HierarchicalEncoder
+
+    if init:
+        return HierarchicalEncoder.from_pretrained(init)
+    return HierarchicalEncoder(EncoderConfig(**cfg_dict))
+
+
+def rows_of(dataset) -> list[int]:
+    """The input row id of every item of a ShardDataset (read from the shards, no graph built)."""
+    import pyarrow.parquet as pq
+
+    out: list[int] = []
+    for f in dataset.shard_files:
+        out.extend(pq.read_table(os.path.join(dataset.folder, f), columns=["row"]).column("row").to_pylist())
+    return out

@@ -1,0 +1,136 @@
+"""The training loop every stage runs: accumulation, logging, evaluation, checkpoint and exact resume.
+
+A stage hands over its prepared model/optimizer/loader and a `step_fn(model, batch, generator) ->
+(loss, metrics)`. Randomness inside a step (masking, negative sampling) comes from `generator`,
+seeded from (seed, micro-step, rank), so a resumed run draws exactly what the uninterrupted one drew.
+
+Checkpoints: `accelerator.save_state` into `checkpoints/step-N.tmp`, renamed to `step-N` once every
+rank has written (a crash never leaves a half checkpoint that looks whole), plus `trainer_state.json`
+(step, epoch, batches consumed in the epoch) so resume restarts at the same batch.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from .config import TrainConfig
+
+STATE_FILE = "trainer_state.json"
+
+
+def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    """Linear warm-up then cosine decay to 10% (a sane default for every stage)."""
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+def latest_checkpoint(ckpt_dir: str) -> str | None:
+    if not os.path.isdir(ckpt_dir):
+        return None
+    done = [d for d in os.listdir(ckpt_dir) if d.startswith("step-") and not d.endswith(".tmp")
+            and os.path.exists(os.path.join(ckpt_dir, d, STATE_FILE))]
+    return os.path.join(ckpt_dir, max(done, key=lambda d: int(d[5:]))) if done else None
+
+
+def save_checkpoint(accelerator, ckpt_dir: str, state: dict, keep: int) -> str:
+    final = os.path.join(ckpt_dir, f"step-{state['step']}")
+    tmp = final + ".tmp"
+    if accelerator.is_main_process and os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)  # every rank writes its part (DeepSpeed shards)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with open(os.path.join(tmp, STATE_FILE), "w") as f:
+            json.dump(state, f)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        old = sorted((d for d in os.listdir(ckpt_dir) if d.startswith("step-") and not d.endswith(".tmp")),
+                     key=lambda d: int(d[5:]))
+        for d in old[:-keep] if keep > 0 else []:
+            shutil.rmtree(os.path.join(ckpt_dir, d), ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def train(accelerator, model, optimizer, scheduler, loader, step_fn, cfg: TrainConfig, ckpt_dir: str,
+          seed: int = 0, evaluate: Callable[[], dict] | None = None, name: str = "train") -> dict:
+    """Run optimizer steps until cfg.max_steps; returns the last logged and evaluated metrics.
+
+    `step_fn` may put "samples" (this micro-batch's sample count) in its metrics for throughput.
+    """
+    state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "micro": 0}
+    resume = latest_checkpoint(ckpt_dir)
+    if resume:
+        accelerator.load_state(resume)
+        with open(os.path.join(resume, STATE_FILE)) as f:
+            state = json.load(f)
+        accelerator.print(f"[{name}] resumed from {resume} (step {state['step']})")
+    rank, world = accelerator.process_index, accelerator.num_processes
+    bar = tqdm(total=cfg.max_steps, initial=state["step"], desc=name, disable=not accelerator.is_local_main_process)
+    last: dict = {}
+    sums: dict[str, float] = {}
+    count, t0, samples = 0, time.time(), 0
+    model.train()
+    while state["step"] < cfg.max_steps:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(state["epoch"])
+        epoch_loader = accelerator.skip_first_batches(loader, state["batches_in_epoch"]) if state["batches_in_epoch"] else loader
+        for batch in epoch_loader:
+            gen = torch.Generator().manual_seed((seed * 1_000_003 + state["micro"]) * world + rank)
+            with accelerator.accumulate(model):
+                loss, metrics = step_fn(model, batch, gen)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            state["batches_in_epoch"] += 1
+            state["micro"] += 1
+            samples += metrics.pop("samples", 0)
+            for k, v in {"loss": loss.detach().float().item(), **metrics}.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            count += 1
+            if not accelerator.sync_gradients:
+                continue
+            state["step"] += 1
+            bar.update(1)
+            if state["step"] % cfg.log_every == 0 or state["step"] == cfg.max_steps:
+                last = {f"{name}/{k}": v / count for k, v in sums.items()}
+                last[f"{name}/lr"] = scheduler.get_last_lr()[0]
+                last[f"{name}/samples_per_s"] = samples * world / max(1e-9, time.time() - t0)
+                accelerator.log(last, step=state["step"])
+                bar.set_postfix(loss=f"{last[f'{name}/loss']:.4f}")
+                sums, count, t0, samples = {}, 0, time.time(), 0
+            if evaluate and cfg.eval_every and state["step"] % cfg.eval_every == 0 and state["step"] < cfg.max_steps:
+                accelerator.log({f"{name}/eval/{k}": v for k, v in evaluate().items()}, step=state["step"])
+                model.train()
+            if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
+                save_checkpoint(accelerator, ckpt_dir, state, cfg.keep_checkpoints)
+            if state["step"] >= cfg.max_steps:
+                break
+        else:
+            state["epoch"] += 1
+            state["batches_in_epoch"] = 0
+    bar.close()
+    save_checkpoint(accelerator, ckpt_dir, state, cfg.keep_checkpoints)
+    out = {k.split("/", 1)[1]: v for k, v in last.items()}
+    if evaluate:
+        ev = evaluate()
+        accelerator.log({f"{name}/eval/{k}": v for k, v in ev.items()}, step=state["step"])
+        out.update({f"eval_{k}": v for k, v in ev.items()})
+    out["steps"] = state["step"]
+    return out

@@ -1,0 +1,122 @@
+"""Entry point of every stage: `accelerate launch trainer/run.py --config RECIPE.yaml [key=value ...]`.
+
+A recipe names `stages` (run in order) and holds one section per stage; `run_dir` receives
+checkpoints, TensorBoard logs (through Accelerate's trackers) and each stage's outputs. The whole
+recipe is validated before any compute; the last stdout line (main process) is a JSON summary.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+if __package__ in (None, ""):  # `accelerate launch trainer/run.py` runs this file as a script
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from trainer.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict  # noqa: E402
+from trainer.stages import STAGES, stage_module  # noqa: E402
+
+
+@dataclasses.dataclass
+class RunConfig:
+    run_dir: str
+    stages: list[str]
+    seed: int = 0
+    mixed_precision: str = "no"  # "bf16" on GPUs
+    log_with: str = "tensorboard"  # any Accelerate tracker, or "none"
+    stage_configs: dict = dataclasses.field(default_factory=dict)
+
+
+def load_run_config(path: str, overrides: list[str] = ()) -> RunConfig:
+    data = apply_overrides(load_yaml(path), list(overrides))
+    stages = data.get("stages")
+    if not stages or not isinstance(stages, list):
+        raise ConfigError(f"{path}: 'stages' must list the stages to run, from: {', '.join(STAGES)}")
+    for s in stages:
+        if s not in STAGES:
+            raise ConfigError(f"unknown stage {s!r}; known stages: {', '.join(STAGES)}")
+    stage_cfgs = {}
+    for name in STAGES:
+        section = data.pop(name, None)
+        if name in stages:
+            mod = stage_module(name)
+            stage_cfgs[name] = from_dict(mod.Config, section or {}, name)
+            mod.validate(stage_cfgs[name])
+        elif section is not None:
+            raise ConfigError(f"section {name!r} is given but {name!r} is not in 'stages'")
+    cfg = from_dict(RunConfig, data)
+    cfg.stage_configs = stage_cfgs
+    return cfg
+
+
+def make_accelerator(cfg: RunConfig):
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    # Without a GPU the process group must be gloo, or accelerate counts one process while the
+    # launcher started several (see shared notes on CPU-distributed training).
+    handlers = []
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+        # `accelerate launch` with a MULTI_GPU config file does not pass use_cpu on to the ranks; without
+        # it every rank trains alone (DistributedType.NO, no gradient sync) while looking parallel.
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+    log_with = None if cfg.log_with == "none" else cfg.log_with
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, log_with=log_with, project_dir=cfg.run_dir,
+                      kwargs_handlers=handlers)
+    if acc.num_processes > 1 and acc.distributed_type.name == "NO":
+        raise RuntimeError(f"{acc.num_processes} processes but no distributed backend: gradients would not sync")
+    if log_with:
+        flat = {"seed": cfg.seed, "stages": ",".join(cfg.stages)}
+        for name, sc in cfg.stage_configs.items():
+            for k, v in _flatten(to_dict(sc)).items():
+                flat[f"{name}.{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+        acc.init_trackers("tb", config=flat)
+    return acc
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", required=True)
+    p.add_argument("overrides", nargs="*", help="key=value, e.g. encoder_ssl.train.lr=3e-4")
+    a = p.parse_args(argv)
+    try:
+        cfg = load_run_config(a.config, a.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    from accelerate.utils import set_seed
+
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    acc = make_accelerator(cfg)
+    set_seed(cfg.seed)
+    summary = {"run_dir": cfg.run_dir, "num_processes": acc.num_processes,
+               "distributed_type": str(acc.distributed_type), "stages": {}}
+    for name in cfg.stages:
+        t0 = time.time()
+        metrics = stage_module(name).run(cfg.stage_configs[name], acc, cfg.run_dir, cfg.seed)
+        summary["stages"][name] = {**metrics, "elapsed_s": round(time.time() - t0, 1)}
+    acc.end_training()
+    if acc.is_main_process:
+        with open(os.path.join(cfg.run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

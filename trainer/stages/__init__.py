@@ -1,0 +1,12 @@
+"""Training stages. Each module has a `Config` dataclass, `validate(cfg)` (file checks, no compute) and
+`run(cfg, accelerator, run_dir, seed) -> metrics`. `trainer/run.py` runs the ones a recipe lists."""
+import importlib
+
+STAGES = {
+    "encoder_ssl": "trainer.stages.encoder_ssl",  # stage 0a: multi-level self-supervision
+    "encoder_contrastive": "trainer.stages.encoder_contrastive",  # stage 0b: graph-text InfoNCE
+}
+
+
+def stage_module(name: str):
+    return importlib.import_module(STAGES[name])
