@@ -120,6 +120,8 @@ def train(accelerator, model, optimizer, scheduler, loader, step_fn, cfg: TrainC
                 model.train()
             if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
                 save_checkpoint(accelerator, ckpt_dir, state, cfg.keep_checkpoints)
+                if os.environ.get("M3MOL_CRASH_AFTER_STEP") == str(state["step"]):
+                    os._exit(17)  # test hook: die like a killed job, right after a checkpoint
             if state["step"] >= cfg.max_steps:
                 break
         else:

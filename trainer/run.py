@@ -55,7 +55,7 @@ def load_run_config(path: str, overrides: list[str] = ()) -> RunConfig:
 def make_accelerator(cfg: RunConfig):
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
+    from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs
 
     # Without a GPU the process group must be gloo, or accelerate counts one process while the
     # launcher started several (see shared notes on CPU-distributed training).
@@ -66,8 +66,9 @@ def make_accelerator(cfg: RunConfig):
         # it every rank trains alone (DistributedType.NO, no gradient sync) while looking parallel.
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
     log_with = None if cfg.log_with == "none" else cfg.log_with
+    # A seedable sampler shuffles by (seed, epoch), so a resumed run replays the same batch order.
     acc = Accelerator(mixed_precision=cfg.mixed_precision, log_with=log_with, project_dir=cfg.run_dir,
-                      kwargs_handlers=handlers)
+                      kwargs_handlers=handlers, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
     if acc.num_processes > 1 and acc.distributed_type.name == "NO":
         raise RuntimeError(f"{acc.num_processes} processes but no distributed backend: gradients would not sync")
     if log_with:
@@ -102,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate.utils import set_seed
 
     os.makedirs(cfg.run_dir, exist_ok=True)
-    acc = make_accelerator(cfg)
     set_seed(cfg.seed)
+    acc = make_accelerator(cfg)
     summary = {"run_dir": cfg.run_dir, "num_processes": acc.num_processes,
                "distributed_type": str(acc.distributed_type), "stages": {}}
     for name in cfg.stages:
