@@ -98,6 +98,12 @@ class ShardDataset(torch.utils.data.Dataset):
         sizes = [s["rows"] for s in self.manifest["shards"] if s["rows"] > 0]
         self.starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self._open: dict[int, _Shard] = {}
+        if self.shard_files:
+            names = pq.read_schema(os.path.join(folder, self.shard_files[0])).names
+            if prefix + "atom_x" not in names:
+                blocks = sorted(n[: -len("atom_x")] for n in names if n.endswith("atom_x"))
+                raise ValueError(f"{folder} has no molecule block {prefix!r}; its blocks are {blocks} "
+                                 "(e.g. ShardDataset(folder, prefix='products_'), or 'FOLDER:products_' in a recipe)")
 
     def __len__(self) -> int:
         return int(self.starts[-1])

@@ -10,11 +10,26 @@ from .config import ConfigError, TrainConfig, check_path
 from .loop import lr_lambda
 
 
-def check_shards(path: str, key: str) -> None:
+def split_block(spec: str) -> tuple[str, str]:
+    """'FOLDER' or 'FOLDER:PREFIX', PREFIX naming a molecule block of the rows (e.g. 'uspto:products_')."""
+    head, sep, tail = spec.rpartition(":")
+    if sep and tail.endswith("_") and "/" not in tail:
+        return head, tail
+    return spec, ""
+
+
+def check_shards(spec: str, key: str) -> None:
+    from graph.dataset import ShardDataset
+
+    path, prefix = split_block(spec)
     check_path(path, key, "preprocessed folder")
     if not os.path.exists(os.path.join(path, "manifest.json")):
         raise ConfigError(f"{key}: {path} has no manifest.json; run `python -m graph.preprocess --input FILE "
                           f"--output {path}` first")
+    try:
+        ShardDataset(path, prefix)
+    except ValueError as e:
+        raise ConfigError(f"{key}: {e}") from None
 
 
 def holdout_split(n: int, rows: list[int], fraction: float, max_heldout: int | None = None) -> tuple[list, list]:

@@ -15,7 +15,7 @@ from torch.utils.data import Subset
 from graph.dataset import ShardDataset
 from graph.ssl import SSLConfig, SSLHeads, make_ssl_batch, ssl_losses
 
-from ..builders import build_encoder, check_shards, holdout_split, optimizer_and_schedule, rows_of
+from ..builders import build_encoder, check_shards, holdout_split, optimizer_and_schedule, rows_of, split_block
 from ..config import ConfigError, TrainConfig, check_path
 from ..loop import train
 
@@ -31,7 +31,8 @@ class EncoderArch:
 
 @dataclass
 class Config:
-    data: list[str] = field(default_factory=lambda: ["runs/demo/data/chebi20_train"])  # preprocessed folders
+    # preprocessed folders; 'FOLDER:PREFIX' reads one molecule block of reaction rows, e.g. 'uspto:products_'
+    data: list[str] = field(default_factory=lambda: ["runs/demo/data/chebi20_train"])
     heldout_fraction: float = 0.1
     max_heldout: int = 2000
     init_encoder: str | None = None  # a saved encoder folder to continue from
@@ -61,7 +62,7 @@ class SSLModel(torch.nn.Module):
 
 
 def load_graphs(folders: list[str]):
-    sets = [ShardDataset(d) for d in folders]
+    sets = [ShardDataset(*split_block(d)) for d in folders]
     rows = [r for k, s in enumerate(sets) for r in ((k, x) for x in rows_of(s))]
     return torch.utils.data.ConcatDataset(sets), rows
 
