@@ -39,6 +39,7 @@ demo: setup
 
 bench: setup
 	$(PY) -m benchmarks.preprocess
+	$(PY) -m benchmarks.encoder
 
 clean:
 	rm -rf runs .cache .pytest_cache

@@ -33,6 +33,21 @@ _BOND_TYPE = {BT.SINGLE: 0, BT.DOUBLE: 1, BT.TRIPLE: 2, BT.AROMATIC: 3}
 _STEREO = {BS.STEREONONE: 0, BS.STEREOZ: 1, BS.STEREOE: 2, BS.STEREOCIS: 3, BS.STEREOTRANS: 4, BS.STEREOANY: 5}
 
 
+def canonical_chirality(atom: Chem.Atom, tag: int) -> int:
+    """CW/CCW re-expressed for neighbours in ascending atom index.
+
+    RDKit's tag is relative to the order the atom's bonds were written in, so the same stereocentre
+    gets CW from one SMILES and CCW from another. Relative to sorted neighbour indices (canonical once
+    atoms are in canonical order) the tag depends only on the molecule.
+    """
+    if tag not in (1, 2):  # CHI_TETRAHEDRAL_CW / CCW; others carry no handedness to fix
+        return tag
+    i = atom.GetIdx()
+    nbrs = [b.GetOtherAtomIdx(i) for b in atom.GetBonds()]
+    odd = sum(a > b for k, a in enumerate(nbrs) for b in nbrs[k + 1:]) % 2
+    return 3 - tag if odd else tag
+
+
 def atom_features(mol: Chem.Mol, out: list) -> None:
     """Append len(ATOM_FEATURES) indices per atom to `out` (flat, atom-major)."""
     ring_atoms = {i for ring in mol.GetRingInfo().AtomRings() for i in ring}
@@ -40,6 +55,8 @@ def atom_features(mol: Chem.Mol, out: list) -> None:
     for atom in mol.GetAtoms():
         z = atom.GetAtomicNum()
         chiral = int(atom.GetChiralTag())
+        if chiral:
+            chiral = canonical_chirality(atom, chiral)
         degree = atom.GetTotalDegree()
         charge = atom.GetFormalCharge()
         hs = atom.GetTotalNumHs()

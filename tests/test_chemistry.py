@@ -136,3 +136,29 @@ def test_reaction_components_kept_and_maps_stripped():
     smiles = [Chem.MolToSmiles(m) for m in mols]
     assert smiles == ["CC(=O)O", "[Na+]", "[OH-]"]  # nothing stripped or neutralised, no maps left
     assert std.components("") == []
+
+
+@pytest.mark.parametrize("smiles", [
+    "N[C@@H](Cc1ccccc1)C(=O)O[C@H](C)CC",  # two stereocentres
+    "C[C@H]1CC[C@@H](O)[C@H](C(C)C)C1",  # menthol: three, in a ring
+    "C/C=C/[C@H](Cl)CC/C=C\\C",  # E and Z double bonds and a centre
+])
+def test_stored_graph_does_not_depend_on_input_atom_order(smiles):
+    """Random SMILES of one molecule give the same stored graph, stereo features included
+    (RDKit's raw CW/CCW tag depends on the written bond order; ours must not)."""
+    ref = None
+    mol0 = Chem.MolFromSmiles(smiles)
+    for k in range(25):
+        mol, canon = canonical_order(STD.parent(Chem.MolToSmiles(mol0, doRandom=True)))
+        g = mol_to_graph(mol)
+        bonds = sorted(map(tuple, np.c_[np.sort(g.bonds, 1), g.bond_x].tolist()))
+        key = (canon, g.atom_x.tobytes(), bonds, g.atom_motif.tolist())
+        assert ref is None or key == ref
+        ref = key
+    mirror = Chem.MolFromSmiles(smiles.replace("@@", "!").replace("@", "@@").replace("!", "@"))
+    g_mirror = mol_to_graph(canonical_order(STD.parent(Chem.MolToSmiles(mirror)))[0])
+    if "@" in smiles:  # the enantiomer differs exactly in its chirality column
+        chir = ATOM_FEATURES.index("chirality")
+        diff = np.flatnonzero((g_mirror.atom_x != np.frombuffer(ref[1], np.uint8).reshape(-1, 9)).any(1))
+        assert len(diff) > 0 and (g_mirror.atom_x[diff][:, [c for c in range(9) if c != chir]]
+                                  == np.frombuffer(ref[1], np.uint8).reshape(-1, 9)[diff][:, [c for c in range(9) if c != chir]]).all()
