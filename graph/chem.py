@@ -109,14 +109,12 @@ class Standardizer:
 
 
 def canonical_order(mol: Chem.Mol) -> tuple[Chem.Mol, str]:
-    """Canonical SMILES and the molecule renumbered so atom i is the i-th atom written in it.
+    """The molecule renumbered so atom i is the i-th atom of its canonical SMILES (the graph's node
+    order, see graph.hierarchy.graph_lists), and that SMILES. For drawing and inspection."""
+    from .hierarchy import smiles_order
 
-    Graph node order then follows the SMILES/SELFIES text the LLM reads next to it, and anyone who
-    rebuilds the graph from the stored SMILES gets the same node order.
-    """
-    smiles = Chem.MolToSmiles(mol)
-    order = mol.GetPropsAsDict(True, True)["_smilesAtomOutputOrder"]
-    return Chem.RenumberAtoms(mol, list(order)), smiles
+    smiles, order = smiles_order(mol)
+    return Chem.RenumberAtoms(mol, order), smiles
 
 
 def to_selfies(smiles: str) -> str:

@@ -42,6 +42,7 @@ class EncoderConfig:
     dropout: float = 0.0
     norm: str = "batch"  # batch | layer | none
     jk: str = "last"  # last | sum | concat | max (over the input embedding and every layer's output)
+    mlp_ratio: int = 2  # GINE MLP hidden width / hidden (MoleculeSTM: 2)
     # Vocabularies (graph.features), the first column of each with one more slot for MASK.
     atom_vocab: tuple = field(default_factory=lambda: (ATOM_VOCAB[0] + 1, *ATOM_VOCAB[1:]))
     bond_vocab: tuple = field(default_factory=lambda: (BOND_VOCAB[0] + 1, *BOND_VOCAB[1:]))
@@ -87,8 +88,9 @@ class AtomEmbedding(nn.Module):
         return self.emb(x + self.offsets)
 
 
-def _mlp(hidden: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.ReLU(), nn.Linear(2 * hidden, hidden))
+def _mlp(hidden: int, ratio: int) -> nn.Sequential:
+    # In-place ReLU: the Linear's output is not needed for its backward, so skip one [N, ratio*H] buffer.
+    return nn.Sequential(nn.Linear(hidden, ratio * hidden), nn.ReLU(inplace=True), nn.Linear(ratio * hidden, hidden))
 
 
 def _norm(kind: str, hidden: int) -> nn.Module:
@@ -112,7 +114,7 @@ class GINELayer(nn.Module):
         for e in (*self.bond, self.hier):
             nn.init.xavier_uniform_(e.weight)
         self.eps = nn.Parameter(torch.zeros(1))
-        self.mlp = _mlp(h)
+        self.mlp = _mlp(h, cfg.mlp_ratio)
 
     def table(self) -> torch.Tensor:
         """[num_edge_codes, H]: every bond feature combination (mixed radix), then the hierarchy types."""
@@ -123,7 +125,7 @@ class GINELayer(nn.Module):
 
     def forward(self, h: torch.Tensor, adj: "Adjacency") -> torch.Tensor:
         agg = adj.aggregate(torch.cat([h, self.table()]))
-        return self.mlp((1 + self.eps) * h + agg)
+        return self.mlp(torch.addcmul(agg, h, 1 + self.eps))  # (1 + eps) h + agg in one pass
 
 
 def num_edge_codes(cfg: EncoderConfig) -> int:
@@ -181,7 +183,8 @@ class Adjacency:
         self.a_t = _csr(cols, rows, shape[::-1], dtype)
 
     def aggregate(self, x: torch.Tensor) -> torch.Tensor:
-        return _SpMM.apply(self.a, self.a_t, x)
+        # In the counts' dtype (float32 by default): under autocast the MLP may hand back bf16 states.
+        return _SpMM.apply(self.a, self.a_t, x.to(self.a.dtype))
 
 
 class HierarchicalEncoder(nn.Module):
@@ -213,8 +216,9 @@ class HierarchicalEncoder(nn.Module):
         for i, (layer, norm) in enumerate(zip(self.layers, self.norms)):
             h = norm(layer(h, adj))
             if i < cfg.num_layers - 1:
-                h = F.relu(h)
-            h = F.dropout(h, cfg.dropout, self.training)
+                h = F.relu(h, inplace=True)  # norms and Linear keep their inputs, not outputs, for backward
+            if cfg.dropout > 0:
+                h = F.dropout(h, cfg.dropout, self.training)
             hs.append(h)
         if cfg.jk == "last":
             h = hs[-1]

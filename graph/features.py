@@ -33,35 +33,35 @@ _BOND_TYPE = {BT.SINGLE: 0, BT.DOUBLE: 1, BT.TRIPLE: 2, BT.AROMATIC: 3}
 _STEREO = {BS.STEREONONE: 0, BS.STEREOZ: 1, BS.STEREOE: 2, BS.STEREOCIS: 3, BS.STEREOTRANS: 4, BS.STEREOANY: 5}
 
 
-def canonical_chirality(atom: Chem.Atom, tag: int) -> int:
-    """CW/CCW re-expressed for neighbours in ascending atom index.
+def canonical_chirality(atom: Chem.Atom, tag: int, rank: list[int]) -> int:
+    """CW/CCW re-expressed for neighbours in ascending canonical rank.
 
     RDKit's tag is relative to the order the atom's bonds were written in, so the same stereocentre
-    gets CW from one SMILES and CCW from another. Relative to sorted neighbour indices (canonical once
-    atoms are in canonical order) the tag depends only on the molecule.
+    gets CW from one SMILES and CCW from another. Relative to the neighbours' canonical ranks the
+    tag depends only on the molecule.
     """
     if tag not in (1, 2):  # CHI_TETRAHEDRAL_CW / CCW; others carry no handedness to fix
         return tag
     i = atom.GetIdx()
-    nbrs = [b.GetOtherAtomIdx(i) for b in atom.GetBonds()]
+    nbrs = [rank[b.GetOtherAtomIdx(i)] for b in atom.GetBonds()]
     odd = sum(a > b for k, a in enumerate(nbrs) for b in nbrs[k + 1:]) % 2
     return 3 - tag if odd else tag
 
 
-def atom_features(mol: Chem.Mol, out: list) -> None:
-    """Append len(ATOM_FEATURES) indices per atom to `out` (flat, atom-major)."""
+def atom_features(mol: Chem.Mol, order: list[int], rank: list[int], out: list) -> None:
+    """Append len(ATOM_FEATURES) indices per atom to `out` (flat), atoms taken in `order`."""
     ring_atoms = {i for ring in mol.GetRingInfo().AtomRings() for i in ring}
-    append = out.extend
+    rows = []
     for atom in mol.GetAtoms():
         z = atom.GetAtomicNum()
         chiral = int(atom.GetChiralTag())
         if chiral:
-            chiral = canonical_chirality(atom, chiral)
+            chiral = canonical_chirality(atom, chiral, rank)
         degree = atom.GetTotalDegree()
         charge = atom.GetFormalCharge()
         hs = atom.GetTotalNumHs()
         radicals = atom.GetNumRadicalElectrons()
-        append((
+        rows.append((
             z - 1 if 0 < z < 119 else 118,
             chiral if chiral < 4 else 4,
             degree if degree < 11 else 11,
@@ -72,17 +72,28 @@ def atom_features(mol: Chem.Mol, out: list) -> None:
             int(atom.GetIsAromatic()),
             int(atom.GetIdx() in ring_atoms),
         ))
+    for i in order:
+        out.extend(rows[i])
 
 
-def bond_features(mol: Chem.Mol, index_out: list, feat_out: list) -> None:
-    """Append (begin, end) per bond to `index_out` and len(BOND_FEATURES) indices to `feat_out`.
+def bond_features(mol: Chem.Mol, rank: list[int], index_out: list, feat_out: list) -> None:
+    """Append (begin, end) per bond (new atom indices `rank`, begin < end, bonds sorted) to `index_out`
+    and len(BOND_FEATURES) indices per bond to `feat_out`.
 
     Each bond is stored once; both directions are made when the graph is built for the encoder.
     """
+    double = BT.DOUBLE
+    rows = []
     for bond in mol.GetBonds():
-        index_out.extend((bond.GetBeginAtomIdx(), bond.GetEndAtomIdx()))
-        feat_out.extend((
-            _BOND_TYPE.get(bond.GetBondType(), 4),
-            _STEREO.get(bond.GetStereo(), 6),
+        a, b = rank[bond.GetBeginAtomIdx()], rank[bond.GetEndAtomIdx()]
+        btype = bond.GetBondType()
+        rows.append((
+            a if a < b else b, b if a < b else a,
+            _BOND_TYPE.get(btype, 4),
+            _STEREO.get(bond.GetStereo(), 6) if btype == double else 0,  # only double bonds carry stereo
             int(bond.GetIsConjugated()),
         ))
+    rows.sort()
+    for a, b, t, st, c in rows:
+        index_out.extend((a, b))
+        feat_out.extend((t, st, c))

@@ -15,15 +15,18 @@ from rdkit.Chem import BRICS
 
 from .features import ATOM_FEATURES, BOND_FEATURES, atom_features, bond_features
 
-def append_motifs(mol: Chem.Mol, bonds: list, out: list) -> int:
+def append_motifs(mol: Chem.Mol, rank: list[int], bonds: list, out: list) -> int:
     """Append each atom's BRICS motif id to `out`; return the number of motifs.
 
     Motifs are the connected pieces left after cutting every bond `FindBRICSBonds` reports (a molecule
-    with no BRICS bond is one motif). `bonds` holds the molecule's (begin, end) pairs, flat.
-    Motif ids are numbered by their lowest atom index, so they are deterministic.
+    with no BRICS bond is one motif). `bonds` holds the (begin, end) pairs, flat, in new atom indices
+    (`rank` maps mol's atom indices to them). Motif ids are numbered by their lowest new atom index.
     """
     n = mol.GetNumAtoms()
-    cut = {(a, b) if a < b else (b, a) for (a, b), _ in BRICS.FindBRICSBonds(mol)}
+    cut = set()
+    for (a, b), _ in BRICS.FindBRICSBonds(mol):
+        a, b = rank[a], rank[b]
+        cut.add((a, b) if a < b else (b, a))
     parent = list(range(n))
 
     def root(i: int) -> int:
@@ -33,8 +36,8 @@ def append_motifs(mol: Chem.Mol, bonds: list, out: list) -> int:
         return i
 
     it = iter(bonds)
-    for a, b in zip(it, it):
-        if (a, b) not in cut and (b, a) not in cut:
+    for a, b in zip(it, it):  # begin < end
+        if (a, b) not in cut:
             ra, rb = root(a), root(b)
             if ra != rb:
                 parent[max(ra, rb)] = min(ra, rb)  # the root is the component's lowest atom
@@ -62,21 +65,36 @@ class MolGraph:
         return len(self.atom_x)
 
 
-def graph_lists(mol: Chem.Mol) -> tuple[list, list, list, list, int]:
-    """Flat lists (atom features, bond pairs, bond features, atom motif ids) and the motif count.
+def smiles_order(mol: Chem.Mol) -> tuple[str, list[int]]:
+    """Canonical SMILES and the order its atoms are written in (order[k] = atom index of the k-th)."""
+    smiles = Chem.MolToSmiles(mol)
+    return smiles, [int(i) for i in mol.GetProp("_smilesAtomOutputOrder").strip("[]").split(",") if i]
 
-    The hot path of preprocessing: plain lists, so a chunk of molecules becomes Arrow arrays at once.
+
+def graph_lists(mol: Chem.Mol) -> tuple[str, list, list, list, list, int]:
+    """Canonical SMILES, then flat lists (atom features, bond pairs, bond features, atom motif ids)
+    and the motif count, atoms in canonical SMILES order and bonds sorted.
+
+    Atom i is the i-th atom written in the canonical SMILES, so node order follows the text the LLM
+    reads and does not depend on how the input was written. The hot path of preprocessing: the molecule
+    is not renumbered, features are permuted; plain lists, so a chunk becomes Arrow arrays at once.
     """
+    smiles, order = smiles_order(mol)
+    rank = [0] * len(order)
+    for k, i in enumerate(order):
+        rank[i] = k
     atom_x, bonds, bond_x, motif = [], [], [], []
-    atom_features(mol, atom_x)
-    bond_features(mol, bonds, bond_x)
-    m = append_motifs(mol, bonds, motif)
-    return atom_x, bonds, bond_x, motif, m
+    atom_features(mol, order, rank, atom_x)
+    bond_features(mol, rank, bonds, bond_x)
+    m = append_motifs(mol, rank, bonds, motif)
+    return smiles, atom_x, bonds, bond_x, motif, m
 
 
 def mol_to_graph(mol: Chem.Mol) -> MolGraph:
-    """Pure function: an RDKit molecule to its hierarchical graph (same code path as the shards)."""
-    atom_x, bonds, bond_x, motif, m = graph_lists(mol)
+    """Pure function: an RDKit molecule to its hierarchical graph (same code path as the shards).
+
+    Atoms are in canonical SMILES order (as `graph.chem.canonical_order` numbers them)."""
+    _, atom_x, bonds, bond_x, motif, m = graph_lists(mol)
     return MolGraph(
         atom_x=np.asarray(atom_x, dtype=np.uint8).reshape(-1, len(ATOM_FEATURES)),
         bonds=np.asarray(bonds, dtype=np.int32).reshape(-1, 2),

@@ -75,10 +75,8 @@ class EncodedMol:
 
 def encode(mol) -> EncodedMol:
     """Canonical SMILES, SELFIES and hierarchical graph of one standardised molecule."""
-    mol, smiles = chem.canonical_order(mol)
-    sf = chem.to_selfies(smiles)
-    atom_x, bonds, bond_x, motif, m = graph_lists(mol)
-    return EncodedMol(smiles, sf, atom_x, bonds, bond_x, motif, m)
+    smiles, atom_x, bonds, bond_x, motif, m = graph_lists(mol)
+    return EncodedMol(smiles, chem.to_selfies(smiles), atom_x, bonds, bond_x, motif, m)
 
 
 class ChunkBuilder:
