@@ -24,7 +24,6 @@ import itertools
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -71,7 +70,7 @@ def _since(t0: tuple[float, float]) -> tuple[float, float]:
     return time.perf_counter() - t0[0], time.process_time() - t0[1]
 
 
-def floor_pass(smiles: list[str], _out_dir: str) -> tuple[float, float]:
+def floor_pass(smiles: list[str], _out_path: str) -> tuple[float, float]:
     """The unavoidable RDKit and SELFIES calls alone (their objects built outside the clock)."""
     import selfies
     from rdkit import Chem
@@ -92,43 +91,46 @@ def floor_pass(smiles: list[str], _out_dir: str) -> tuple[float, float]:
     return _since(t0)
 
 
-def pipeline_pass(smiles: list[str], out_dir: str) -> tuple[float, float]:
-    """The project's per-molecule path: process_chunk plus the shard write, a chunk at a time."""
+def pipeline_pass(smiles: list[str], out_path: str) -> tuple[float, float]:
+    """The project's per-molecule path on one chunk: process_chunk plus writing its shard."""
     from graph import chem
     from graph.atomic import atomic_write_parquet
     from graph.records import RowProcessor, process_chunk
 
     processor = RowProcessor("smiles", {}, chem.Limits())  # built once per worker in the real job
     t0 = _clock()
-    for first in range(0, len(smiles), CHUNK):
-        table, _ = process_chunk(processor, first, [(s, None) for s in smiles[first:first + CHUNK]])
-        atomic_write_parquet(table, os.path.join(out_dir, f"shard-{first // CHUNK:06d}.parquet"))
+    table, _ = process_chunk(processor, 0, [(s, None) for s in smiles])
+    atomic_write_parquet(table, out_path)
     return _since(t0)
 
 
 def cost_ratio(smiles: list[str], tmp: str, repeats: int = 3) -> dict:
-    """Alternate floor and pipeline passes and keep each one's best: a burst of load from another
-    process then slows one pass of either kind, not one kind systematically."""
+    """Floor and pipeline on the same chunks, interleaved chunk by chunk (alternating which goes
+    first) and repeated; each chunk keeps its best time per kind. A burst of load from another process
+    lasts seconds, so it hits one measurement of a pair, and the repeats outvote it."""
     passes = {"floor": floor_pass, "pipeline": pipeline_pass}
+    paths = (os.path.join(tmp, f"shard-{i:06d}.parquet") for i in itertools.count())
     for fn in passes.values():  # warm-up: lazy imports, RDKit/SELFIES caches, page cache
-        fn(smiles[:200], tempfile.mkdtemp(dir=tmp))
-    times = {k: [] for k in passes}
-    for i in range(repeats):
-        for name, fn in passes.items():
-            times[name].append(fn(smiles, tempfile.mkdtemp(dir=tmp)))
-        log(f"ratio pass {i + 1}/{repeats}: " + ", ".join(
-            f"{k} {len(smiles) / t[-1][0]:.0f} mol/s (cpu {t[-1][1]:.1f} s)" for k, t in times.items()))
-    best = {k: min(w for w, _ in t) for k, t in times.items()}
-    median = {k: statistics.median(w for w, _ in t) for k, t in times.items()}
-    cpu = {k: min(c for _, c in t) for k, t in times.items()}
+        fn(smiles[:200], next(paths))
+    chunks = [smiles[i:i + CHUNK] for i in range(0, len(smiles), CHUNK)]
+    best = {k: [(float("inf"), float("inf"))] * len(chunks) for k in passes}  # (wall, cpu) per chunk
+    for r in range(repeats):
+        for c, chunk in enumerate(chunks):
+            for name in (("floor", "pipeline") if (r + c) % 2 == 0 else ("pipeline", "floor")):
+                wall, cpu = passes[name](chunk, next(paths))
+                best[name][c] = (min(best[name][c][0], wall), min(best[name][c][1], cpu))
+        log(f"ratio round {r + 1}/{repeats}: best so far " + ", ".join(
+            f"{k} {len(smiles) / sum(w for w, _ in t):.0f} mol/s" for k, t in best.items()))
+    wall = {k: sum(w for w, _ in t) for k, t in best.items()}
+    cpu = {k: sum(c for _, c in t) for k, t in best.items()}
     return {
-        "floor_mol_per_s": round(len(smiles) / best["floor"], 1),
-        "pipeline_mol_per_s": round(len(smiles) / best["pipeline"], 1),
-        "cost_ratio_to_floor": round(best["pipeline"] / best["floor"], 3),
-        "cost_ratio_to_floor_median": round(median["pipeline"] / median["floor"], 3),
+        "floor_mol_per_s": round(len(smiles) / wall["floor"], 1),
+        "pipeline_mol_per_s": round(len(smiles) / wall["pipeline"], 1),
+        "cost_ratio_to_floor": round(wall["pipeline"] / wall["floor"], 3),
         "cost_ratio_to_floor_cpu": round(cpu["pipeline"] / cpu["floor"], 3),
         "n_molecules_ratio": len(smiles), "ratio_repeats": repeats,
-        "ratio_timing": "best wall time of alternating passes (median and process CPU time as cross-checks)",
+        "ratio_timing": f"wall time, best of {repeats} per {CHUNK}-molecule chunk, floor and pipeline "
+                        "interleaved chunk by chunk; _cpu: the same with this process's CPU time",
     }
 
 
@@ -183,6 +185,7 @@ def write_smi(smiles: list[str], path: str) -> str:
 
 
 def ray_runs(sizes: dict, tmp: str, repeats: int = 2) -> dict:
+    """CLI runs on MOSES train: 1 vs 2 workers on the speedup slice, then 2 workers on the large slice."""
     train = moses_smiles("train", sizes["rss_large"])
     warm = write_smi(train[:2 * CHUNK], os.path.join(tmp, "warm.smi"))
     small = write_smi(train[:sizes["speedup"]], os.path.join(tmp, "small.smi"))
@@ -209,7 +212,7 @@ def ray_runs(sizes: dict, tmp: str, repeats: int = 2) -> dict:
         "mol_per_s_1_worker": round(n / w1, 1), "mol_per_s_2_workers": round(n / w2, 1),
         "n_molecules_speedup": n, "speedup_repeats": repeats,
         "speedup_timing": "best manifest elapsed_s (actor creation to last shard, so worker process start-up "
-                          "is inside) of alternating runs on one pre-started Ray head",
+                          "is inside) of alternating runs on one Ray head started before them",
         "driver_wall_s": {f"{w}_worker": [round(r["wall_s"], 2) for r in runs[w]] for w in runs},
         "peak_rss_mb_driver_200k": round(big["rss_mb"], 1), "peak_rss_mb_driver_20k": round(rss_small, 1),
         "driver_rss_ratio_200k_over_20k": round(big["rss_mb"] / rss_small, 3),

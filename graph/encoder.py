@@ -90,7 +90,8 @@ class AtomEmbedding(nn.Module):
 
 def _mlp(hidden: int, ratio: int) -> nn.Sequential:
     # In-place ReLU: the Linear's output is not needed for its backward, so skip one [N, ratio*H] buffer.
-    return nn.Sequential(nn.Linear(hidden, ratio * hidden), nn.ReLU(inplace=True), nn.Linear(ratio * hidden, hidden))
+    width = ratio * hidden
+    return nn.Sequential(nn.Linear(hidden, width), nn.ReLU(inplace=True), nn.Linear(width, hidden))
 
 
 def _norm(kind: str, hidden: int) -> nn.Module:

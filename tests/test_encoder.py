@@ -3,12 +3,13 @@ RDKit molecules."""
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from rdkit import Chem
 from torch_geometric.data import Batch
 
-from graph.chem import Standardizer, canonical_order
+from graph.chem import Standardizer
 from graph.contrastive import (
     ContrastiveConfig, ContrastiveHeads, TextEncoder, contrastive_step, info_nce, mean_pool, retrieval_accuracy,
 )
@@ -16,22 +17,20 @@ from graph.dataset import ATOM, BOND, to_pyg
 from graph.encoder import (
     MASK_ATOM_NUM, MASK_BOND_TYPE, MODEL_TYPE, EncoderConfig, EncoderOutput, HierarchicalEncoder,
 )
-from graph.hierarchy import mol_to_graph
+from graph.hierarchy import MolGraph, mol_to_graph
 from graph.ssl import SSLConfig, SSLHeads, make_ssl_batch, ssl_losses, ssl_step
 
-# (SMILES, atoms, BRICS motifs). No stereo: RDKit's CW/CCW tags are relative to atom order, so a
-# renumbered chiral molecule legitimately has different features.
+# (SMILES, atoms, BRICS motifs)
 MOLS = [
     ("CCOc1ccccc1C(=O)O", 12, 4),  # 2-ethoxybenzoic acid
     ("c1ccc2ccccc2c1", 10, 1),  # naphthalene: no BRICS bond, one motif
-    ("CC(C)Cc1ccc(C(C)C(=O)O)cc1", 15, 3),  # ibuprofen (stereo unspecified)
-    ("CN1CCCC1c1cccnc1", 12, 2),  # nicotine (stereo unspecified)
+    ("CC(C)Cc1ccc(C(C)C(=O)O)cc1", 15, 3),  # ibuprofen
+    ("CN1CCC[C@H]1c1cccnc1", 12, 2),  # nicotine
 ]
 
 
-def graph_of(smiles: str):
-    mol, _ = canonical_order(Standardizer().parent(smiles))
-    return mol_to_graph(mol)
+def graph_of(smiles: str) -> MolGraph:
+    return mol_to_graph(Standardizer().parent(smiles))
 
 
 @pytest.fixture(scope="module")
@@ -79,28 +78,49 @@ def test_one_molecule_alone_equals_it_in_a_batch(batch):
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
 
 
+def renumbered(g, rng):
+    """The same molecule with atoms, bonds (and each bond's direction) and motif ids shuffled.
+
+    `mol_to_graph` always numbers atoms canonically, so another numbering is made here directly."""
+    n, m = g.num_atoms, g.num_motifs
+    perm = rng.permutation(n)  # new index of atom i
+    atom_x = np.empty_like(g.atom_x)
+    atom_x[perm] = g.atom_x
+    bonds = perm[g.bonds]
+    flip = rng.random(len(bonds)) < 0.5
+    bonds[flip] = bonds[flip][:, ::-1]
+    order = rng.permutation(len(bonds))
+    motif = np.empty_like(g.atom_motif)
+    motif[perm] = rng.permutation(m)[g.atom_motif]
+    return MolGraph(atom_x, bonds[order].astype(np.int32), g.bond_x[order], motif.astype(np.int32), m)
+
+
 def test_graph_embedding_ignores_atom_numbering():
     torch.manual_seed(0)
+    rng = np.random.default_rng(0)
     enc = HierarchicalEncoder(EncoderConfig()).eval()  # the real size: 5 layers, 300 wide
-    for smiles, _, _ in MOLS[:3]:
-        mol = Chem.MolFromSmiles(smiles)
-        variants = [smiles] + [Chem.MolToSmiles(mol, doRandom=True, canonical=False) for _ in range(30)]
-        graphs, seen = [], set()
-        for s in variants:  # keep numberings that really differ
-            g = mol_to_graph(Chem.MolFromSmiles(s))  # no canonical_order: atoms in this SMILES' order
-            if g.atom_x.tobytes() + g.bonds.tobytes() not in seen:
-                seen.add(g.atom_x.tobytes() + g.bonds.tobytes())
-                graphs.append(g)
-            if len(graphs) == 3:
-                break
-        assert len(graphs) == 3, smiles
+    for smiles in ("CCOc1ccccc1C(=O)O", "CC(C)Cc1ccc([C@H](C)C(=O)O)cc1", "C/C=C/c1ccc2OCOc2c1"):
+        g = graph_of(smiles)
+        graphs = [g, renumbered(g, rng), renumbered(g, rng)]
+        assert not np.array_equal(graphs[1].atom_x, g.atom_x) or not np.array_equal(graphs[1].bonds, g.bonds)
         with torch.no_grad():
-            emb = enc(Batch.from_data_list([to_pyg(g) for g in graphs])).graph
-        torch.testing.assert_close(emb[1], emb[0], atol=1e-5, rtol=0)
-        torch.testing.assert_close(emb[2], emb[0], atol=1e-5, rtol=0)
+            out = enc(Batch.from_data_list([to_pyg(x) for x in graphs]))
+        torch.testing.assert_close(out.graph[1], out.graph[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(out.graph[2], out.graph[0], atol=1e-5, rtol=0)
+        # motif embeddings are the same set, in another order
+        mot = out.motif.view(3, g.num_motifs, -1).sort(dim=1).values
+        torch.testing.assert_close(mot[1], mot[0], atol=1e-5, rtol=0)
     with torch.no_grad():  # and it is not a constant
         other = enc(Batch.from_data_list([to_pyg(graph_of(MOLS[3][0]))])).graph[0]
-    assert (other - emb[0]).abs().max() > 1e-3
+    assert (other - out.graph[0]).abs().max() > 1e-3
+
+
+def test_renumbered_graph_from_another_smiles_is_the_stored_one():
+    # mol_to_graph numbers atoms canonically: any SMILES of a molecule gives the same graph.
+    mol = Chem.MolFromSmiles(MOLS[0][0])
+    for s in Chem.MolToRandomSmilesVect(mol, 3, randomSeed=7):
+        g, ref = mol_to_graph(Chem.MolFromSmiles(s)), mol_to_graph(mol)
+        assert np.array_equal(g.atom_x, ref.atom_x) and np.array_equal(g.bonds, ref.bonds)
 
 
 def test_save_load_round_trip(batch, tmp_path):
