@@ -34,7 +34,7 @@ CHUNK = 1000
 TARGETS = {"cost_ratio_to_floor_max": 1.3, "driver_rss_ratio_200k_over_20k_max": 1.2}
 SIZES = {  # molecules per measurement
     "full": {"ratio": 5000, "speedup": 20000, "rss_large": 200000},
-    "quick": {"ratio": 1000, "speedup": 4000, "rss_large": 20000},
+    "quick": {"ratio": 300, "speedup": 1500, "rss_large": 6000},
 }
 
 # Runs the CLI in this process and then reports this process's own peak RSS (kB on Linux); Ray

@@ -64,9 +64,13 @@ class PairDataset(torch.utils.data.Dataset):
 
     @torch.no_grad()
     def cache_text(self, text_encoder: TextEncoder, batch_size: int = 64) -> None:
+        """Embed every text once, batched by length so little compute goes to padding."""
         text_encoder.eval()
-        self.text_emb = torch.cat([text_encoder.encode(self.texts[i : i + batch_size])
-                                   for i in range(0, len(self.texts), batch_size)])
+        order = sorted(range(len(self.texts)), key=lambda i: len(self.texts[i]))
+        emb = torch.cat([text_encoder.encode([self.texts[i] for i in order[k : k + batch_size]])
+                         for k in range(0, len(order), batch_size)])
+        self.text_emb = torch.empty_like(emb)
+        self.text_emb[torch.tensor(order)] = emb
 
 
 class ContrastiveModel(torch.nn.Module):
