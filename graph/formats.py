@@ -145,26 +145,22 @@ def _json_records(f, path: str) -> Iterator:
 
 
 def _json_array(f, path: str, block: int = 1 << 20) -> Iterator:
+    """Objects of a JSON array, decoded one at a time from a sliding text buffer."""
     decoder = json.JSONDecoder()
-    buf, pos, eof = f.read(block), 0, False
+    buf = f.read(block)
     pos = buf.index("[") + 1
     while True:
-        while True:  # skip separators, refilling the buffer as needed
-            while pos < len(buf) and buf[pos] in " \t\r\n,":
-                pos += 1
-            if pos < len(buf) or eof:
-                break
-            buf, pos = buf[pos:] + f.read(block), 0
-            eof = len(buf) == 0
-        if pos >= len(buf) or buf[pos] == "]":
+        while pos < len(buf) and buf[pos] in " \t\r\n,":
+            pos += 1
+        if pos < len(buf) and buf[pos] == "]":
             return
         try:
-            obj, end = decoder.raw_decode(buf, pos)
+            obj, pos = decoder.raw_decode(buf, pos)  # also fails on an object cut by the buffer's end
         except json.JSONDecodeError:
             more = f.read(block)
-            if not more:  # the array is broken: no row boundary to recover from
-                raise InputError(f"{path}: invalid JSON array near character {pos}") from None
+            if not more:  # a broken array has no row boundary to recover from
+                what = "is not closed" if pos >= len(buf) else f"is invalid near character {pos}"
+                raise InputError(f"{path}: the JSON array {what}") from None
             buf, pos = buf[pos:] + more, 0
             continue
         yield obj
-        pos = end

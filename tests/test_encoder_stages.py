@@ -111,3 +111,27 @@ def test_crash_and_resume_equals_uninterrupted(tmp_path, shards):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_two_node_launch_over_loopback(tmp_path, shards):
+    """Two `accelerate launch` processes, --num_machines 2, machine ranks 0 and 1, over loopback."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = recipe(tmp_path, shards, ["encoder_ssl"])
+    cfg = os.path.join(ROOT, "launch_configs", "accelerate", "multi_node_cpu.yaml")
+    procs = [subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--config_file", cfg,
+                               "--machine_rank", str(rank), "--main_process_port", str(port),
+                               "trainer/run.py", "--config", path], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    s = json.loads(outs[0][0].strip().splitlines()[-1])  # machine 0 holds global rank 0
+    assert s["num_processes"] == 2 and s["distributed_type"] == "DistributedType.MULTI_CPU"
+    assert s["stages"]["encoder_ssl"]["steps"] == 6
+    assert not outs[1][0].strip()  # the other machine's rank prints no summary

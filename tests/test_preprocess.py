@@ -169,3 +169,16 @@ def test_shard_dataset_reads_lazily(tmp_path, ray_local):
     assert len(ds._open) == 1  # only the shard holding row i was opened
     assert all(f.endswith(".parquet") for f in os.listdir(out) if f.startswith("shard-"))
     assert len(os.listdir(os.path.join(out, "_arrow"))) == 1
+
+
+def test_json_array_streams_across_buffer_boundaries(tmp_path):
+    from graph import formats
+
+    recs = [{"instruction": "i" * k, "input": "[C][C][O]", "output": str(k)} for k in range(50)]
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps(recs, indent=2))
+    with open(path) as f:  # tiny blocks: every object straddles a buffer boundary
+        assert list(formats._json_array(f, str(path), block=7)) == recs
+    path.write_text(json.dumps(recs)[:-30])
+    with open(path) as f, pytest.raises(InputError, match="JSON array"):
+        list(formats._json_array(f, str(path), block=64))
