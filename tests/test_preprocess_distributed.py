@@ -30,10 +30,9 @@ def test_two_raylet_cluster_uses_both_nodes(tmp_path):
         m = run(CHEBI, out, workers=2, chunk_size=25, progress=False)
         ray.shutdown()
         nodes = set()
-        for name in os.listdir(os.path.join(out, "_chunks")):
-            if name != "settings.json":
-                with open(os.path.join(out, "_chunks", name)) as f:
-                    nodes.add(json.load(f)["node_id"])
+        for name in _chunks_done(out):
+            with open(os.path.join(out, "_chunks", name)) as f:
+                nodes.add(json.load(f)["node_id"])
         assert len(nodes) == 2  # both raylets processed chunks
     finally:
         ray.shutdown()
@@ -46,7 +45,8 @@ def test_two_raylet_cluster_uses_both_nodes(tmp_path):
 
 def _chunks_done(out):
     d = os.path.join(out, "_chunks")
-    return [n for n in os.listdir(d) if n != "settings.json"] if os.path.isdir(d) else []
+    # finished chunks only: NNNNNN.json (a kill can leave a NNNNNN.json.tmp-* behind)
+    return [n for n in os.listdir(d) if n[:6].isdigit() and n.endswith(".json")] if os.path.isdir(d) else []
 
 
 def test_resume_after_kill(tmp_path):
