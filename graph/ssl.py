@@ -205,26 +205,23 @@ def _acc(pred: torch.Tensor, target: torch.Tensor) -> float:
     return (pred == target).float().mean().item() if target.numel() else float("nan")
 
 
+def _classify(logits_fn, target: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Cross-entropy and accuracy of a type head; (zero, nan) when nothing was selected."""
+    if not target.numel():
+        return zero, float("nan")
+    logits = logits_fn()
+    return F.cross_entropy(logits, target), _acc(logits.argmax(1), target)
+
+
 def ssl_losses(out: EncoderOutput, heads: SSLHeads, sb: SSLBatch, cfg: SSLConfig) -> tuple[torch.Tensor, dict]:
     """Weighted sum of the four losses on an encoder output of `sb.inputs`, and per-head metrics."""
     h = out.node
     zero = h.sum() * 0  # keeps the graph connected when a selection is empty (tiny batches)
     metrics: dict = {}
 
-    if sb.atom_target.numel():
-        logits = heads.atom(h[sb.atom_rows])
-        l_atom = F.cross_entropy(logits, sb.atom_target)
-        metrics["atom_type_acc"] = _acc(logits.argmax(1), sb.atom_target)
-    else:
-        l_atom, metrics["atom_type_acc"] = zero, float("nan")
+    l_atom, metrics["atom_type_acc"] = _classify(lambda: heads.atom(h[sb.atom_rows]), sb.atom_target, zero)
     metrics["atom_type_majority"] = _majority(sb.atom_target, NUM_ATOM_CLASSES)
-
-    if sb.bond_target.numel():
-        logits = heads.bond(_pair(h, sb.bond_pairs))
-        l_bond = F.cross_entropy(logits, sb.bond_target)
-        metrics["bond_type_acc"] = _acc(logits.argmax(1), sb.bond_target)
-    else:
-        l_bond, metrics["bond_type_acc"] = zero, float("nan")
+    l_bond, metrics["bond_type_acc"] = _classify(lambda: heads.bond(_pair(h, sb.bond_pairs)), sb.bond_target, zero)
     metrics["bond_type_majority"] = _majority(sb.bond_target, NUM_BOND_CLASSES)
 
     if sb.link_target.numel():
