@@ -135,3 +135,17 @@ def test_two_node_launch_over_loopback(tmp_path, shards):
     assert s["num_processes"] == 2 and s["distributed_type"] == "DistributedType.MULTI_CPU"
     assert s["stages"]["encoder_ssl"]["steps"] == 6
     assert not outs[1][0].strip()  # the other machine's rank prints no summary
+
+
+def test_cached_text_embeddings_match_direct_encoding(shards):
+    """Length-sorted batched caching puts every embedding back at its own text's index."""
+    from graph.contrastive import TextEncoder
+    from graph.dataset import ShardDataset
+    from trainer.stages.encoder_contrastive import PairDataset
+
+    ds = PairDataset(ShardDataset(str(shards / "test")), list(range(40)))
+    text = TextEncoder(None, max_length=64, freeze=True)
+    ds.cache_text(text, batch_size=16)
+    direct = torch.cat([text.encode([t]) for t in ds.texts[:40:7]])
+    torch.testing.assert_close(ds.text_emb[:40:7], direct, rtol=1e-4, atol=1e-4)
+    assert ds[3].text_emb.shape == (1, text.dim) and ds[3].text == ds.texts[3]

@@ -63,14 +63,19 @@ class PairDataset(torch.utils.data.Dataset):
         return d
 
     @torch.no_grad()
-    def cache_text(self, text_encoder: TextEncoder, batch_size: int = 64) -> None:
-        """Embed every text once, batched by length so little compute goes to padding."""
+    def cache_text(self, text_encoder: TextEncoder, rank: int = 0, world: int = 1, batch_size: int = 64) -> None:
+        """Embed every text once: each rank embeds a 1/world slice, batched by length so little compute
+        goes to padding, and the slices are exchanged so every rank holds all embeddings."""
+        from accelerate.utils import gather_object
+
         text_encoder.eval()
-        order = sorted(range(len(self.texts)), key=lambda i: len(self.texts[i]))
-        emb = torch.cat([text_encoder.encode([self.texts[i] for i in order[k : k + batch_size]])
-                         for k in range(0, len(order), batch_size)])
-        self.text_emb = torch.empty_like(emb)
-        self.text_emb[torch.tensor(order)] = emb
+        mine = sorted(range(rank, len(self.texts), world), key=lambda i: len(self.texts[i]))
+        emb = torch.cat([text_encoder.encode([self.texts[i] for i in mine[k : k + batch_size]])
+                         for k in range(0, len(mine), batch_size)] or [torch.empty(0, text_encoder.dim)])
+        parts = gather_object([(mine, emb)]) if world > 1 else [(mine, emb)]
+        self.text_emb = torch.empty(len(self.texts), text_encoder.dim)
+        for idx, e in parts:
+            self.text_emb[torch.tensor(idx, dtype=torch.long)] = e
 
 
 class ContrastiveModel(torch.nn.Module):
@@ -122,8 +127,8 @@ def run(cfg: Config, accelerator, run_dir: str, seed: int) -> dict:
     encoder = build_encoder(init, vars(cfg.encoder))
     text = TextEncoder(cfg.contrastive.text_model, cfg.contrastive.max_length, freeze=cfg.contrastive.freeze_text)
     if cfg.contrastive.freeze_text:
-        train_set.cache_text(text)
-        held_set.cache_text(text)
+        for ds in (train_set, held_set):
+            ds.cache_text(text, accelerator.process_index, accelerator.num_processes)
     model = ContrastiveModel(encoder, text, cfg.contrastive)
     train_loader = DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
                               num_workers=cfg.train.num_workers)
