@@ -108,6 +108,15 @@ class ShardDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return int(self.starts[-1])
 
+    def _column(self, name: str) -> list:
+        """One column over all shards, read from the Parquet files (no graph is built)."""
+        return [pq.read_table(os.path.join(self.folder, f), columns=[name]).column(name) for f in self.shard_files]
+
+    def item_rows(self) -> np.ndarray:
+        """The input row id of every item, e.g. to split train / held-out by row."""
+        cols = self._column("row")
+        return np.concatenate([c.to_numpy() for c in cols]) if cols else np.zeros(0, np.int64)
+
     def _locate(self, i: int) -> tuple[_Shard, int]:
         if not -len(self) <= i < len(self):
             raise IndexError(i)
@@ -151,5 +160,32 @@ class ShardDataset(torch.utils.data.Dataset):
         g = self.graphs(i)[0]
         data = to_pyg(g) if self.hierarchical else to_pyg_atoms_only(g)
         shard, j = self._locate(i)
+        data.row = torch.tensor([shard.table.column("row")[j].as_py()])
+        return data
+
+
+class MoleculeDataset(ShardDataset):
+    """Every molecule of block `prefix` as its own item: reaction sides and multi-molecule inputs give
+    all their molecules (ShardDataset gives one item per row, its first molecule)."""
+
+    def __init__(self, folder: str, prefix: str = "", hierarchical: bool = True, cache_dir: str | None = None):
+        super().__init__(folder, prefix, hierarchical, cache_dir)
+        cols = self._column(prefix + "mol_num_atoms")
+        counts = np.concatenate([c.combine_chunks().value_lengths().to_numpy() for c in cols]) if cols else np.zeros(0, np.int64)
+        self.mol_row = np.repeat(np.arange(len(counts)), counts)  # dataset row of each molecule
+        starts = np.repeat(np.cumsum(counts) - counts, counts)
+        self.mol_k = np.arange(len(self.mol_row)) - starts  # its position within the row's block
+
+    def __len__(self) -> int:
+        return len(self.mol_row)
+
+    def item_rows(self) -> np.ndarray:
+        return super().item_rows()[self.mol_row]
+
+    def __getitem__(self, i: int) -> Data:
+        row, k = int(self.mol_row[i]), int(self.mol_k[i])
+        g = self.graphs(row)[k]
+        data = to_pyg(g) if self.hierarchical else to_pyg_atoms_only(g)
+        shard, j = self._locate(row)
         data.row = torch.tensor([shard.table.column("row")[j].as_py()])
         return data

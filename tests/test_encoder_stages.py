@@ -134,7 +134,7 @@ def test_two_node_launch_over_loopback(tmp_path, shards):
     s = json.loads(outs[0][0].strip().splitlines()[-1])  # machine 0 holds global rank 0
     assert s["num_processes"] == 2 and s["distributed_type"] == "DistributedType.MULTI_CPU"
     assert s["stages"]["encoder_ssl"]["steps"] == 6
-    assert not outs[1][0].strip()  # the other machine's rank prints no summary
+    assert not [ln for ln in outs[1][0].splitlines() if ln.startswith("{")]  # only global rank 0 prints the summary
 
 
 def test_cached_text_embeddings_match_direct_encoding(shards):

@@ -9,7 +9,7 @@ import selfies
 from rdkit import Chem
 
 from conftest import DATA, cli
-from graph.dataset import ShardDataset
+from graph.dataset import MoleculeDataset, ShardDataset
 from graph.formats import InputError
 from graph.preprocess import read_table, run
 
@@ -97,6 +97,11 @@ def test_uspto_reactions(tmp_path, ray_local):
     ds = ShardDataset(out, prefix="reactants_")
     graphs = ds.graphs(0)
     assert [g.num_atoms for g in graphs] == t[0]["reactants_mol_num_atoms"]
+    mols = MoleculeDataset(out, prefix="reactants_")  # every reactant of every reaction, in order
+    sizes = [n for r in t for n in r["reactants_mol_num_atoms"]]
+    assert len(mols) == len(sizes) > len(t)
+    assert [int(mols[i].num_atoms) for i in range(len(mols))] == sizes
+    assert mols.item_rows().tolist() == [r["row"] for r in t for _ in r["reactants_mol_num_atoms"]]
 
 
 def test_instructions_with_bad_records(tmp_path, ray_local):

@@ -56,13 +56,3 @@ def build_encoder(init: str | None, cfg_dict: dict):
     if init:
         return HierarchicalEncoder.from_pretrained(init)
     return HierarchicalEncoder(EncoderConfig(**cfg_dict))
-
-
-def rows_of(dataset) -> list[int]:
-    """The input row id of every item of a ShardDataset (read from the shards, no graph built)."""
-    import pyarrow.parquet as pq
-
-    out: list[int] = []
-    for f in dataset.shard_files:
-        out.extend(pq.read_table(os.path.join(dataset.folder, f), columns=["row"]).column("row").to_pylist())
-    return out

@@ -50,7 +50,7 @@ def main(out: str = os.path.join(ROOT, "runs", "demo")) -> dict:
            os.path.join(ROOT, "launch_configs", "accelerate", "cpu_2proc.yaml"), os.path.join(ROOT, "trainer", "run.py"),
            "--config", os.path.join(ROOT, "launch_configs", "recipes", "demo.yaml"), f"run_dir={run_dir}"]
     data = os.path.join(out, "data")
-    cmd += [f"encoder_ssl.data=[{data}/chebi20_train,{data}/uspto_train:products_]",
+    cmd += [f"encoder_ssl.data=[{data}/chebi20_train,{data}/uspto_train:reactants_,{data}/uspto_train:products_]",
             f"encoder_contrastive.data={data}/chebi20_train", f"encoder_contrastive.val_data={data}/chebi20_test"]
     r = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
     if r.returncode != 0:

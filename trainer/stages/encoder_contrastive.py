@@ -16,7 +16,7 @@ import torch
 from graph.contrastive import ContrastiveConfig, ContrastiveHeads, TextEncoder, info_nce, retrieval_accuracy
 from graph.dataset import ShardDataset
 
-from ..builders import build_encoder, check_shards, holdout_split, optimizer_and_schedule, rows_of
+from ..builders import build_encoder, check_shards, holdout_split, optimizer_and_schedule
 from ..config import ConfigError, TrainConfig, check_path
 from ..loop import train
 from .encoder_ssl import EncoderArch
@@ -116,7 +116,7 @@ def run(cfg: Config, accelerator, run_dir: str, seed: int) -> dict:
         train_idx, held = list(range(len(shards))), ShardDataset(cfg.val_data)
         held_idx = list(range(len(held)))
     else:
-        train_idx, held_idx = holdout_split(len(shards), rows_of(shards), cfg.heldout_fraction)
+        train_idx, held_idx = holdout_split(len(shards), shards.item_rows().tolist(), cfg.heldout_fraction)
         held = shards
     train_set, held_set = PairDataset(shards, train_idx), PairDataset(held, held_idx)
 

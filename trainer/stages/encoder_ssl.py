@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import Subset
 
-from graph.dataset import ShardDataset
+from graph.dataset import MoleculeDataset
 from graph.ssl import SSLConfig, SSLHeads, make_ssl_batch, ssl_losses
 
-from ..builders import build_encoder, check_shards, holdout_split, optimizer_and_schedule, rows_of, split_block
+from ..builders import build_encoder, check_shards, holdout_split, optimizer_and_schedule, split_block
 from ..config import ConfigError, TrainConfig, check_path
 from ..loop import train
 
@@ -31,7 +31,8 @@ class EncoderArch:
 
 @dataclass
 class Config:
-    # preprocessed folders; 'FOLDER:PREFIX' reads one molecule block of reaction rows, e.g. 'uspto:products_'
+    # preprocessed folders, every molecule of each row; 'FOLDER:PREFIX' reads one molecule block of
+    # reaction rows, e.g. 'uspto:reactants_' (all reactants) or 'uspto:products_'
     data: list[str] = field(default_factory=lambda: ["runs/demo/data/chebi20_train"])
     heldout_fraction: float = 0.1
     max_heldout: int = 2000
@@ -62,8 +63,8 @@ class SSLModel(torch.nn.Module):
 
 
 def load_graphs(folders: list[str]):
-    sets = [ShardDataset(*split_block(d)) for d in folders]
-    rows = [r for k, s in enumerate(sets) for r in ((k, x) for x in rows_of(s))]
+    sets = [MoleculeDataset(*split_block(d)) for d in folders]
+    rows = [(k, int(x)) for k, s in enumerate(sets) for x in s.item_rows()]  # molecules of a row split together
     return torch.utils.data.ConcatDataset(sets), rows
 
 
