@@ -108,13 +108,19 @@ def contrastive_step(encoder, text_encoder: TextEncoder, heads: ContrastiveHeads
                      cfg: ContrastiveConfig) -> tuple[torch.Tensor, dict]:
     """One stage-0b step on a batch of molecules and their descriptions (same order). Call backward yourself."""
     graph_z, text_z = heads(encoder(batch).graph, text_encoder.encode(texts))
-    loss = info_nce(graph_z, text_z, cfg.temperature)
+    loss, metrics = contrastive_loss(graph_z, text_z, cfg.temperature)
+    return loss, {"loss": loss.item(), **metrics}
+
+
+def contrastive_loss(graph_z: torch.Tensor, text_z: torch.Tensor, temperature: float) -> tuple[torch.Tensor, dict]:
+    """InfoNCE and the in-batch top-1 accuracies both ways (row i of each side is a pair)."""
+    loss = info_nce(graph_z, text_z, temperature)
     with torch.no_grad():
         sim = graph_z @ text_z.T
         labels = torch.arange(len(sim), device=sim.device)
         g2t = (sim.argmax(1) == labels).float().mean().item()
         t2g = (sim.argmax(0) == labels).float().mean().item()
-    return loss, {"loss": loss.item(), "inbatch_g2t_acc": g2t, "inbatch_t2g_acc": t2g}
+    return loss, {"inbatch_g2t_acc": g2t, "inbatch_t2g_acc": t2g}
 
 
 @torch.no_grad()

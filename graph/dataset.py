@@ -157,7 +157,11 @@ class ShardDataset(torch.utils.data.Dataset):
         return {n: t.column(n)[j].as_py() for n in t.column_names if n not in shard.lists}
 
     def __getitem__(self, i: int) -> Data:
-        g = self.graphs(i)[0]
+        return self._item(i, 0)
+
+    def _item(self, i: int, k: int) -> Data:
+        """Molecule k of row i's block as a PyG graph, with the input row id."""
+        g = self.graphs(i)[k]
         data = to_pyg(g) if self.hierarchical else to_pyg_atoms_only(g)
         shard, j = self._locate(i)
         data.row = torch.tensor([shard.table.column("row")[j].as_py()])
@@ -183,9 +187,4 @@ class MoleculeDataset(ShardDataset):
         return super().item_rows()[self.mol_row]
 
     def __getitem__(self, i: int) -> Data:
-        row, k = int(self.mol_row[i]), int(self.mol_k[i])
-        g = self.graphs(row)[k]
-        data = to_pyg(g) if self.hierarchical else to_pyg_atoms_only(g)
-        shard, j = self._locate(row)
-        data.row = torch.tensor([shard.table.column("row")[j].as_py()])
-        return data
+        return self._item(int(self.mol_row[i]), int(self.mol_k[i]))

@@ -43,16 +43,17 @@ class ChunkWorker:
     """One Ray actor: holds a row processor (standardiser objects) and writes whole shards."""
 
     def __init__(self, out: str, fmt: str, context: dict, limits: dict):
-        self.out = out
-        self.processor = RowProcessor(fmt, context, chem.Limits(**limits))
-
-    def process(self, chunk: int, first_row: int, records: list) -> dict:
         import ray
 
+        self.out = out
+        self.processor = RowProcessor(fmt, context, chem.Limits(**limits))
+        self.node_id = ray.get_runtime_context().get_node_id()  # recorded per chunk: where it ran
+
+    def process(self, chunk: int, first_row: int, records: list) -> dict:
         table, rejects = process_chunk(self.processor, first_row, records)
         atomic_write_parquet(table, os.path.join(self.out, shard_name(chunk)))
         summary = {"chunk": chunk, "first_row": first_row, "rows": len(records), "accepted": table.num_rows,
-                   "node_id": ray.get_runtime_context().get_node_id(),
+                   "node_id": self.node_id,
                    "rejected_by_reason": dict(collections.Counter(r["reason"] for r in rejects)), "rejects": rejects}
         atomic_write_json(summary, _chunk_summary_path(self.out, chunk))
         del summary["rejects"]  # the driver only needs the counts

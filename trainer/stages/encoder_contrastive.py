@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from graph.contrastive import ContrastiveConfig, ContrastiveHeads, TextEncoder, info_nce, retrieval_accuracy
+from graph.contrastive import ContrastiveConfig, ContrastiveHeads, TextEncoder, contrastive_loss, retrieval_accuracy
 from graph.dataset import ShardDataset
 
 from ..builders import build_encoder, check_shards, holdout_split, optimizer_and_schedule
@@ -90,14 +90,7 @@ class ContrastiveModel(torch.nn.Module):
         return self.heads(self.encoder(batch).graph, text)
 
     def forward(self, batch, generator=None):
-        g, t = self.embed(batch)
-        loss = info_nce(g, t, self.cfg.temperature)
-        with torch.no_grad():
-            labels = torch.arange(len(g), device=g.device)
-            sim = g @ t.T
-            acc = {"inbatch_g2t_acc": (sim.argmax(1) == labels).float().mean().item(),
-                   "inbatch_t2g_acc": (sim.argmax(0) == labels).float().mean().item()}
-        return loss, acc
+        return contrastive_loss(*self.embed(batch), self.cfg.temperature)
 
 
 @torch.no_grad()
