@@ -169,11 +169,11 @@ def trained_metrics(ssl_steps: int = 300, contrastive_steps: int = 600, batch_si
     import ray
     import yaml
 
-    from graph.preprocess import run as preprocess
+    from graph.preprocess import connect_ray, run as preprocess
 
     work = tempfile.mkdtemp(prefix="m3mol-bench-encoder-")
     (train_src, full), (test_src, _) = _chebi_split("validation"), _chebi_split("test")
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    connect_ray()
     try:
         for name, src in (("train", train_src), ("test", test_src)):
             m = preprocess(src, os.path.join(work, name), chunk_size=500, progress=False)

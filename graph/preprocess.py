@@ -68,8 +68,9 @@ def _fingerprint(path: str) -> str:
     return f"{os.path.getsize(path)}:{h.hexdigest()[:16]}"
 
 
-def _start_ray(address: str | None, workers: int | None) -> bool:
-    """Connect to Ray; True when this call started it (and so must shut it down)."""
+def connect_ray(address: str | None = None, workers: int | None = None) -> bool:
+    """Connect to Ray: an existing connection, `address`/RAY_ADDRESS, or a new local cluster sized to
+    this machine. True when this call connected (and so must `ray.shutdown()`)."""
     import ray
 
     if ray.is_initialized():  # a notebook or test that already connected
@@ -109,7 +110,7 @@ def run(input: str, output: str, fmt: str = "auto", ray_address: str | None = No
 
     import ray
 
-    started = _start_ray(ray_address, workers)
+    started = connect_ray(ray_address, workers)
     start = time.time()
     try:
         n_workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))

@@ -1,3 +1,4 @@
+import contextlib
 import os
 import sys
 
@@ -12,14 +13,23 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 DATA = os.path.join(ROOT, "data")
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    """One real local Ray cluster (2 CPUs) shared by a test module."""
+@contextlib.contextmanager
+def local_ray():
+    """A real local Ray cluster with 2 CPUs, shut down on exit."""
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 1024 * 1024)
-    yield ray
-    ray.shutdown()
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """One local Ray cluster shared by a test module."""
+    with local_ray() as ray:
+        yield ray
 
 
 def cli(*args: str, timeout: int = 300, **kw):

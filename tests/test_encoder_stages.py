@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import DATA, ROOT, cli
+from conftest import DATA, ROOT, cli, local_ray
 from graph.preprocess import run as preprocess
 
 ACCEL_CFG = os.path.join(ROOT, "launch_configs", "accelerate", "cpu_2proc.yaml")
@@ -14,15 +14,10 @@ ACCEL_CFG = os.path.join(ROOT, "launch_configs", "accelerate", "cpu_2proc.yaml")
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    import ray
-
     out = tmp_path_factory.mktemp("shards")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 1024 * 1024)
-    try:
+    with local_ray():
         preprocess(os.path.join(DATA, "chebi20", "train.txt"), str(out / "train"), chunk_size=100, progress=False)
         preprocess(os.path.join(DATA, "chebi20", "test.txt"), str(out / "test"), chunk_size=100, progress=False)
-    finally:
-        ray.shutdown()
     return out
 
 

@@ -23,13 +23,12 @@ def main(out: str = os.path.join(ROOT, "runs", "demo")) -> dict:
 
     from graph.chem import Standardizer, canonical_order
     from graph.inspect import draw_motifs
-    from graph.preprocess import read_table, run
+    from graph.preprocess import connect_ray, read_table, run
 
     t0 = time.time()
     os.makedirs(out, exist_ok=True)
     summary: dict = {"stages": [], "out": out}
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-             object_store_memory=256 * 1024 * 1024)
+    connect_ray()  # one local cluster for the four preprocessing runs
     try:
         for name, src in (("chebi20_train", "chebi20/train.txt"), ("chebi20_test", "chebi20/test.txt"),
                           ("uspto_train", "uspto50k/train.csv"), ("uspto_test", "uspto50k/test.csv")):
