@@ -1,0 +1,136 @@
+"""Instruction samples: preprocessed Mol-Instructions rows -> token ids with graph placeholders, lengths known.
+
+A row (from `python -m graph.preprocess --format instructions`) has `instruction`, `input`, `output`
+and the input's molecules as one molecule block, in the order they are written (every reactant of a
+reaction, not just the first). The user turn reads
+
+    {instruction}
+    Molecule graph: <graph>*k1 . <graph>*k2 ...      (one group per input molecule, written order)
+    Input: {input}                                    (the SELFIES; prose inputs always kept)
+
+wrapped in the tokenizer's chat template when it has one. Each molecule's `<graph>` group has exactly
+`graph_token_count(...)` placeholders, so a sample's full length (text + graph tokens) is known here,
+before batching; the collator packs on it and the model swaps the placeholders for projected tokens.
+Labels: only the answer (output + end-of-turn token) is learned.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from graph.dataset import ShardDataset, to_pyg
+
+from .llm import GRAPH_TOKEN
+from .projector import graph_token_count
+
+DEFAULT_SYSTEM = ("You are a chemistry assistant. Molecules are given as graph tokens and as SELFIES strings; "
+                  "answer with SELFIES when the answer is a molecule.")
+
+
+@dataclass
+class PromptConfig:
+    use_graph: bool = True  # graph tokens in the prompt (off: the SELFIES-only control)
+    use_selfies: bool = True  # the SELFIES input text (off: the graph-only control)
+    chat_template: bool = True  # the tokenizer's chat template when it has one
+    system: str | None = DEFAULT_SYSTEM
+    max_length: int = 2048  # longer samples are recorded as rejects, never truncated silently
+
+
+def user_text(instruction: str, input_text: str, num_mols: int, cfg: PromptConfig) -> str:
+    """The user turn with one GRAPH_TOKEN per molecule (expanded to the token count at tokenisation)."""
+    parts = [instruction.strip()]
+    if cfg.use_graph and num_mols:
+        parts.append("Molecule graph: " + " . ".join([GRAPH_TOKEN] * num_mols))
+    if input_text.strip() and (cfg.use_selfies or not num_mols):  # prose inputs are not molecules: keep them
+        parts.append("Input: " + input_text.strip())
+    return "\n".join(parts)
+
+
+def prompt_text(tokenizer, user: str, cfg: PromptConfig) -> str:
+    if cfg.chat_template and getattr(tokenizer, "chat_template", None):
+        msgs = ([{"role": "system", "content": cfg.system}] if cfg.system else []) + [{"role": "user", "content": user}]
+        return tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    head = f"{cfg.system}\n\n" if cfg.system else ""
+    return f"{tokenizer.bos_token or ''}{head}### Instruction:\n{user}\n\n### Response:\n"
+
+
+def expand_placeholders(ids: list[int], graph_id: int, counts: list[int]) -> list[int]:
+    """Replace the k-th placeholder by counts[k] copies of it (pure)."""
+    out, k = [], 0
+    for t in ids:
+        if t == graph_id:
+            out.extend([graph_id] * counts[k])
+            k += 1
+        else:
+            out.append(t)
+    if k != len(counts):
+        raise ValueError(f"{k} graph placeholders in the prompt for {len(counts)} molecules")
+    return out
+
+
+class InstructionDataset(torch.utils.data.Dataset):
+    """Tokenised instruction samples of one preprocessed folder. `lengths[i]` = text + graph tokens.
+
+    Items: {"input_ids": int64 array, "num_prompt": prompt length (labels start after it),
+            "graphs": list of PyG graphs (the input molecules), "row": input row id, "index": i}.
+    Samples longer than `max_length` are left out and listed in `rejects` (row, reason, length).
+    """
+
+    def __init__(self, folder: str, tokenizer, reduction: str = "none", levels=("node", "motif", "graph"),
+                 prompt: PromptConfig | None = None, rows: list[int] | None = None):
+        self.shards = ShardDataset(folder)
+        self.prompt = prompt or PromptConfig()
+        self.graph_id = tokenizer.convert_tokens_to_ids(GRAPH_TOKEN)
+        cols = ["row", "instruction", "input", "output", "mol_num_atoms", "mol_num_motifs"]
+        t = _read_columns(folder, self.shards.shard_files, cols)
+        n = t.num_rows
+        keep = range(n) if rows is None else rows
+        instr, inp, out = (t.column(c).to_pylist() for c in ("instruction", "input", "output"))
+        atoms, motifs = t.column("mol_num_atoms").to_pylist(), t.column("mol_num_motifs").to_pylist()
+        row_ids = t.column("row").to_numpy()
+        use_graph = self.prompt.use_graph
+        prompts = [prompt_text(tokenizer, user_text(instr[i], inp[i], len(atoms[i]), self.prompt), self.prompt)
+                   for i in keep]
+        eos = tokenizer.eos_token_id
+        p_ids = tokenizer(prompts, add_special_tokens=False).input_ids
+        a_ids = tokenizer([out[i] for i in keep], add_special_tokens=False).input_ids
+        self.index, self.ids, self.num_prompt, self.rejects = [], [], [], []
+        for j, i in enumerate(keep):
+            counts = [graph_token_count(a, m, reduction, levels) for a, m in zip(atoms[i], motifs[i])] if use_graph else []
+            prompt_ids = expand_placeholders(p_ids[j], self.graph_id, counts)
+            ids = np.asarray(prompt_ids + a_ids[j] + [eos], dtype=np.int64)
+            if len(ids) > self.prompt.max_length:
+                self.rejects.append({"row": int(row_ids[i]), "reason": "longer_than_max_length", "length": len(ids)})
+                continue
+            self.index.append(i)
+            self.ids.append(ids)
+            self.num_prompt.append(len(prompt_ids))
+        self.lengths = np.array([len(x) for x in self.ids], dtype=np.int64)
+        self.row_ids = row_ids[self.index] if self.index else np.zeros(0, np.int64)
+        self.outputs = [out[i] for i in self.index]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, k: int) -> dict:
+        i = self.index[k]
+        graphs = [to_pyg(g) for g in self.shards.graphs(i)] if self.prompt.use_graph else []
+        return {"input_ids": self.ids[k], "num_prompt": self.num_prompt[k], "graphs": graphs,
+                "row": int(self.row_ids[k]), "index": k}
+
+    def record(self, k: int) -> dict:
+        return self.shards.record(self.index[k])
+
+
+def _read_columns(folder: str, files: list[str], cols: list[str]):
+    import pyarrow as pa
+
+    tables = [pq.read_table(os.path.join(folder, f), columns=cols) for f in files]
+    if not tables:
+        raise ValueError(f"{folder}: no accepted rows")
+    return pa.concat_tables(tables)
+

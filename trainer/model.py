@@ -1,0 +1,119 @@
+"""The multimodal model: hierarchical graph encoder -> projector -> graph tokens spliced into a causal LM.
+
+One batched encoder call per step over every molecule of the micro-batch. A rank whose batch has no
+molecule (prose-only inputs) encodes a one-atom stand-in and adds its tokens times zero, so every
+rank calls the same modules with the same parameters (DDP buckets and ZeRO-3 gathers would otherwise
+hang or fail). The loss is computed on answer positions only: the LM head (vocab x hidden, the
+largest matmul of a small LLaMA) never runs on prompt, graph or padding positions.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .collator import IGNORE
+
+
+class LossOutput(NamedTuple):
+    loss_sum: torch.Tensor  # summed token cross-entropy (normalise by label tokens across steps/ranks)
+    num_tokens: torch.Tensor
+
+
+def _stand_in_graph():
+    """A one-atom molecule (one motif, one graph node) for batches without molecules."""
+    from torch_geometric.data import Batch
+
+    from graph.dataset import to_pyg
+    from graph.features import ATOM_FEATURES, BOND_FEATURES
+    from graph.hierarchy import MolGraph
+
+    g = MolGraph(np.zeros((1, len(ATOM_FEATURES)), np.uint8), np.zeros((0, 2), np.int32),
+                 np.zeros((0, len(BOND_FEATURES)), np.uint8), np.zeros(1, np.int32), 1)
+    return Batch.from_data_list([to_pyg(g)])
+
+
+def block_causal_mask(seq_id: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[R, 1, L, L] additive mask: position i sees j iff j <= i and both belong to the same sample."""
+    L = seq_id.size(1)
+    causal = torch.ones(L, L, dtype=torch.bool, device=seq_id.device).tril()
+    allowed = (seq_id.unsqueeze(2) == seq_id.unsqueeze(1)) & causal
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=seq_id.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+
+
+class MultimodalLM(nn.Module):
+    def __init__(self, llm, encoder, projector, graph_token_id: int, freeze_encoder: bool = True):
+        super().__init__()
+        self.llm, self.encoder, self.projector = llm, encoder, projector
+        self.graph_token_id = graph_token_id
+        self.freeze_encoder = freeze_encoder and encoder is not None
+        if self.freeze_encoder:
+            encoder.requires_grad_(False)
+            encoder.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.freeze_encoder:
+            self.encoder.eval()  # frozen: BatchNorm statistics must not move either
+        return self
+
+    # -- pieces of the LM that PEFT wrapping does not change ------------------------------------------
+    def _base(self):
+        return self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
+
+    @property
+    def decoder(self):
+        return self._base().get_decoder()
+
+    @property
+    def lm_head(self):
+        return self._base().get_output_embeddings()
+
+    # -- graph tokens ----------------------------------------------------------------------------------
+    def graph_tokens(self, graphs, num_mols: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(projected graph tokens of every molecule of the batch, molecule after molecule; a zero scalar
+        tied to the encoder and projector outputs)."""
+        stand_in = graphs is None
+        if stand_in:
+            graphs, num_mols = _stand_in_graph().to(self.lm_head.weight.device), 1
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoder):
+            enc = self.encoder(graphs)
+        tokens, _ = self.projector(enc, num_mols)
+        return tokens[:0] if stand_in else tokens, tokens.sum() * 0.0
+
+    def embed(self, input_ids: torch.Tensor, graphs=None, num_mols: int = 0) -> torch.Tensor:
+        is_graph = input_ids == self.graph_token_id
+        x = self.decoder.get_input_embeddings()(input_ids.masked_fill(is_graph, 0))
+        if self.encoder is None:
+            if is_graph.any():
+                raise ValueError("graph placeholders in the input but the model has no graph encoder")
+            return x
+        tokens, zero = self.graph_tokens(graphs, num_mols)
+        if tokens.size(0) != int(is_graph.sum()):
+            raise ValueError(f"{int(is_graph.sum())} graph placeholders for {tokens.size(0)} graph tokens: the "
+                             "prompt and the projector disagree on reduction / levels")
+        x = x.masked_scatter(is_graph.unsqueeze(-1), tokens.to(x.dtype))
+        return x + zero.to(x.dtype)  # keeps the stand-in's parameters in the graph on every rank
+
+    def hidden(self, batch: dict) -> torch.Tensor:
+        x = self.embed(batch["input_ids"], batch.get("graphs"), batch.get("num_mols", 0))
+        impl = getattr(self._base().config, "_attn_implementation", "sdpa")
+        # flash-attention reads the sample boundaries from the restarted position ids (varlen kernels)
+        mask = None if impl.startswith("flash") else block_causal_mask(batch["seq_id"], x.dtype)
+        out = self.decoder(inputs_embeds=x, attention_mask=mask, position_ids=batch["position_ids"], use_cache=False)
+        return out.last_hidden_state
+
+    def forward(self, batch: dict) -> LossOutput:
+        h = self.hidden(batch)
+        tgt = batch["targets"]
+        sel = tgt != IGNORE
+        logits = self.lm_head(h[sel]).float()
+        loss = F.cross_entropy(logits, tgt[sel], reduction="sum")
+        return LossOutput(loss, sel.sum())
+
+    def logits(self, batch: dict) -> torch.Tensor:
+        return self.lm_head(self.hidden(batch)).float()
