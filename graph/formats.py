@@ -52,9 +52,13 @@ def _delimiter(path: str, first_line: str) -> str:
     return ","
 
 
+def _is_parquet(path: str) -> bool:
+    return path.lower().endswith(".parquet")
+
+
 def detect_format(path: str) -> str:
     stem = _stem(path)
-    if stem.endswith((".json", ".jsonl")):
+    if stem.endswith((".json", ".jsonl")) or _is_parquet(path):
         return "instructions"
     with _open(path) as f:
         first = f.readline().rstrip("\r\n")
@@ -84,6 +88,11 @@ class Source:
         if fmt not in FORMATS:
             raise InputError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)} or auto")
         src = cls(path, fmt)
+        if _is_parquet(path):  # binary, columnar: no text header; a missing column rejects rows later
+            if fmt != "instructions":
+                raise InputError(f"{path}: Parquet input holds instruction records (format instructions), not {fmt}")
+            _parquet_file(path)
+            return src
         with _open(path) as f:  # validate the header now: a missing column is an error before any work
             first = f.readline().rstrip("\r\n")
         if fmt == "csv":
@@ -104,6 +113,9 @@ class Source:
 
     def records(self) -> Iterator:
         """Yield one raw record per input row, in file order."""
+        if _is_parquet(self.path):
+            yield from _parquet_records(self.path)
+            return
         f = _open(self.path)
         with f:
             if self.fmt == "smiles":
@@ -116,6 +128,23 @@ class Source:
                 # ChEBI-20 descriptions hold quote characters that are not CSV quoting
                 quoting = csv.QUOTE_NONE if self.fmt == "chebi20" else csv.QUOTE_MINIMAL
                 yield from csv.reader(f, delimiter=delim, quoting=quoting)
+
+
+def _parquet_file(path: str):
+    import pyarrow.parquet as pq
+
+    if not os.path.isfile(path):
+        raise InputError(f"input file not found: {path}")
+    try:
+        return pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid/OSError for a truncated or non-Parquet file
+        raise InputError(f"cannot read {path} as Parquet: {e}") from None
+
+
+def _parquet_records(path: str, batch_size: int = 4096) -> Iterator[dict]:
+    """Instruction records of a Parquet file, one dict per row, streamed a record batch at a time."""
+    for batch in _parquet_file(path).iter_batches(batch_size=batch_size):
+        yield from batch.to_pylist()
 
 
 def _smiles_records(f) -> Iterator[tuple]:

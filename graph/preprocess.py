@@ -28,7 +28,7 @@ from .formats import FORMATS, InputError, Source
 from .atomic import atomic_write_json, atomic_write_parquet, atomic_writer
 from .records import RowProcessor, process_chunk
 
-SHARD_VERSION = 1  # bump when the shard schema or the chemistry changes: old folders are not resumed
+SHARD_VERSION = 2  # bump when the shard schema or the chemistry changes: old folders are not resumed
 
 
 def shard_name(chunk: int) -> str:

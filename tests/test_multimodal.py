@@ -115,7 +115,7 @@ def test_targets_mask_prompt_graph_and_first_label(inst, tiny):
     assert not torch.isin(tgt, torch.tensor([ds.graph_id])).any()  # graph tokens are never targets
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa", "sdpa_varlen"])
 def test_packed_batch_equals_each_sample_alone(inst, attn):
     tok, lm = load_llm("tiny-random", attn_implementation=attn)
     model = _model(tok, lm)

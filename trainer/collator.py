@@ -148,6 +148,8 @@ class Collator:
             "input_ids": torch.from_numpy(ids), "position_ids": torch.from_numpy(pos),
             "targets": torch.from_numpy(tgt), "seq_id": torch.from_numpy(seq),
             "graphs": Batch.from_data_list(graphs) if graphs else None, "num_mols": len(graphs),
+            "real": torch.from_numpy(seq < np.array([[len(r)] for r in rows])),  # not padding
+            "cu_seqlens": torch.tensor(np.cumsum([0] + [n for _, _, n, _ in spans]), dtype=torch.int32),
             "spans": spans,  # (row, start, length, dataset index) of every sample
             "real_tokens": int(sum(n for _, _, n, _ in spans)), "label_tokens": int((tgt != IGNORE).sum()),
         }

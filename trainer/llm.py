@@ -91,6 +91,9 @@ def load_llm(name: str, dtype: torch.dtype = torch.float32, attn_implementation:
     looked up (trainer.model replaces those positions), so the base model stays byte-identical."""
     from transformers import AutoModelForCausalLM
 
+    from .attention import register
+
+    register()  # makes attn_implementation="sdpa_varlen" available
     tok = load_tokenizer(name, trust_remote_code)
     if name == TINY:
         torch.manual_seed(seed)

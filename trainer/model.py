@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .attention import VARLEN
 from .collator import IGNORE
 
 
@@ -102,10 +103,18 @@ class MultimodalLM(nn.Module):
     def hidden(self, batch: dict) -> torch.Tensor:
         x = self.embed(batch["input_ids"], batch.get("graphs"), batch.get("num_mols", 0))
         impl = getattr(self._base().config, "_attn_implementation", "sdpa")
-        # flash-attention reads the sample boundaries from the restarted position ids (varlen kernels)
-        mask = None if impl.startswith("flash") else block_causal_mask(batch["seq_id"], x.dtype)
-        out = self.decoder(inputs_embeds=x, attention_mask=mask, position_ids=batch["position_ids"], use_cache=False)
-        return out.last_hidden_state
+        if impl not in VARLEN:  # eager / sdpa: a block-diagonal causal mask over the rows
+            mask = block_causal_mask(batch["seq_id"], x.dtype)
+            out = self.decoder(inputs_embeds=x, attention_mask=mask, position_ids=batch["position_ids"], use_cache=False)
+            return out.last_hidden_state
+        # varlen kernels: real tokens only, flattened to one sequence, with the sample boundaries
+        real, cu = batch["real"], batch["cu_seqlens"]
+        longest = int((cu[1:] - cu[:-1]).max())
+        out = self.decoder(inputs_embeds=x[real].unsqueeze(0), position_ids=batch["position_ids"][real].unsqueeze(0),
+                           use_cache=False, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+        h = x.new_zeros(x.shape[:2] + out.last_hidden_state.shape[-1:])
+        h[real] = out.last_hidden_state[0]
+        return h
 
     def forward(self, batch: dict) -> LossOutput:
         h = self.hidden(batch)
