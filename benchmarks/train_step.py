@@ -98,7 +98,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--budget", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=0, help="padded batch; 0: budget / mean length")
-    p.add_argument("--samples", type=int, default=192, help="random subset every mode trains on")
+    p.add_argument("--samples", type=int, default=96, help="random subset every mode trains on")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--lora-r", type=int, default=64)

@@ -1,7 +1,7 @@
 """Batches of instruction samples: packed rows (the default) or padded batches (the baselines).
 
 Batch plans are pure functions of (sample lengths, seed, epoch), so every rank and every resumed run
-computes the same plan; `BatchPlan` is the batch sampler Accelerate shards across ranks.
+computes the same plan; `BatchPlan` is the batch sampler that gives each rank its share.
   packed   shuffle, then first-fit-decreasing within windows of `window` samples into rows of at most
            `budget` tokens; `rows` rows per micro-batch. Row order is shuffled again, so lengths stay mixed.
   padded   shuffle, `batch_size` samples per batch, padded to the longest (InstructMol / HIGHT).
@@ -69,10 +69,14 @@ def plan_batches(lengths: np.ndarray, mode: str, seed: int, epoch: int, *, budge
 
 
 class BatchPlan(torch.utils.data.Sampler):
-    """A batch sampler over `plan_batches`; `set_epoch` reshuffles deterministically."""
+    """This rank's batches of `plan_batches`: batch r, r + world, ... (the same count on every rank, a
+    multiple of `multiple`, e.g. grad_accum; the few left over go, reshuffled into the next epoch).
+    It shards itself, so it is used outside `accelerator.prepare`; `set_epoch` reshuffles."""
 
-    def __init__(self, lengths, mode: str = "packed", seed: int = 0, **kw):
+    def __init__(self, lengths, mode: str = "packed", seed: int = 0, rank: int = 0, world: int = 1,
+                 multiple: int = 1, **kw):
         self.lengths, self.mode, self.seed, self.kw, self.epoch = np.asarray(lengths), mode, seed, kw, 0
+        self.rank, self.world, self.multiple = rank, world, multiple
         self._plan = None
 
     def set_epoch(self, epoch: int) -> None:
@@ -81,7 +85,12 @@ class BatchPlan(torch.utils.data.Sampler):
 
     def plan(self) -> list[list[int]]:
         if self._plan is None:
-            self._plan = plan_batches(self.lengths, self.mode, self.seed, self.epoch, **self.kw)
+            full = plan_batches(self.lengths, self.mode, self.seed, self.epoch, **self.kw)
+            per_rank = len(full) // self.world // self.multiple * self.multiple
+            if per_rank == 0:
+                raise ValueError(f"{len(full)} batches cannot give each of {self.world} ranks {self.multiple}: "
+                                 "use more data, a smaller budget / batch size, or less accumulation")
+            self._plan = full[self.rank::self.world][:per_rank]
         return self._plan
 
     def __iter__(self):

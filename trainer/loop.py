@@ -66,10 +66,22 @@ def save_checkpoint(accelerator, ckpt_dir: str, state: dict, keep: int) -> str:
 
 
 def train(accelerator, model, optimizer, scheduler, loader, step_fn, cfg: TrainConfig, ckpt_dir: str,
-          seed: int = 0, evaluate: Callable[[], dict] | None = None, name: str = "train") -> dict:
+          seed: int = 0, evaluate: Callable[[], dict] | None = None, name: str = "train",
+          count_fn: Callable | None = None, on_epoch: Callable[[int], None] | None = None,
+          flops_per_token: float = 0.0, peak_flops: float = 0.0) -> dict:
     """Run optimizer steps until cfg.max_steps; returns the last logged and evaluated metrics.
 
-    `step_fn` may put "samples" (this micro-batch's sample count) in its metrics for throughput.
+    Micro-batches are taken in windows of `cfg.grad_accum` (one optimizer step each; a last partial
+    window of an epoch is skipped). `step_fn(model, batch, generator[, denominator]) -> (loss, metrics)`;
+    metrics may hold "samples" and "tokens" (this micro-batch's counts) for throughput.
+
+    Token-normalised stages pass `count_fn(batch) -> label tokens`: the window's count is summed over
+    ranks first, and step_fn gets `denominator` = that count / (ranks x grad_accum), so the gradient
+    is the mean over every label token of the global batch however it is split across micro-steps
+    and ranks (DDP and DeepSpeed average over ranks, accumulation divides by grad_accum). step_fn then
+    returns metrics "loss_sum" (summed token loss) and the logged loss is the global per-token mean.
+    `on_epoch(epoch)` reshuffles a sampler that lives outside Accelerate. With `flops_per_token`, the
+    log has achieved TFLOP/s per process and, given `peak_flops` per process, MFU.
     """
     state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "micro": 0}
     resume = latest_checkpoint(ckpt_dir)
@@ -80,41 +92,75 @@ def train(accelerator, model, optimizer, scheduler, loader, step_fn, cfg: TrainC
         accelerator.print(f"[{name}] resumed from {resume} (step {state['step']})")
     rank, world = accelerator.process_index, accelerator.num_processes
     bar = tqdm(total=cfg.max_steps, initial=state["step"], desc=name, disable=not accelerator.is_local_main_process)
+    metrics_file = os.path.join(os.path.dirname(ckpt_dir), "metrics.jsonl")  # one line per logged step
+    os.makedirs(ckpt_dir, exist_ok=True)
     last: dict = {}
     sums: dict[str, float] = {}
-    count, t0, samples = 0, time.time(), 0
+    count, t0, samples, tokens = 0, time.time(), 0, 0
     model.train()
     while state["step"] < cfg.max_steps:
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(state["epoch"])
+        if on_epoch:
+            on_epoch(state["epoch"])
         epoch_loader = accelerator.skip_first_batches(loader, state["batches_in_epoch"]) if state["batches_in_epoch"] else loader
+        window: list = []
         for batch in epoch_loader:
-            gen = torch.Generator().manual_seed((seed * 1_000_003 + state["micro"]) * world + rank)
-            with accelerator.accumulate(model):
-                loss, metrics = step_fn(model, batch, gen)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            state["batches_in_epoch"] += 1
-            state["micro"] += 1
-            samples += metrics.pop("samples", 0)
-            for k, v in {"loss": loss.detach().float().item(), **metrics}.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-            count += 1
-            if not accelerator.sync_gradients:
+            window.append(batch)
+            if len(window) < cfg.grad_accum:
                 continue
+            extra = ()
+            if count_fn:
+                n_global = accelerator.reduce(torch.tensor(float(sum(count_fn(b) for b in window)),
+                                                           device=accelerator.device), "sum")
+                extra = (n_global / (world * cfg.grad_accum),)
+            step_sums: dict[str, float] = {}
+            for b in window:
+                gen = torch.Generator().manual_seed((seed * 1_000_003 + state["micro"]) * world + rank)
+                with accelerator.accumulate(model):
+                    loss, metrics = step_fn(model, b, gen, *extra)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+                state["batches_in_epoch"] += 1
+                state["micro"] += 1
+                samples += metrics.pop("samples", 0)
+                tokens += metrics.pop("tokens", 0)
+                row = metrics if count_fn else {"loss": loss.detach().float().item(), **metrics}
+                for k, v in row.items():
+                    step_sums[k] = step_sums.get(k, 0.0) + float(v)
+            window = []
+            if count_fn:  # the global per-token loss of this optimizer step (the same on every rank)
+                total = accelerator.reduce(torch.tensor(step_sums.pop("loss_sum"), device=accelerator.device), "sum")
+                step_sums = {"loss": float(total / n_global), **{k: v / cfg.grad_accum for k, v in step_sums.items()}}
+            else:
+                step_sums = {k: v / cfg.grad_accum for k, v in step_sums.items()}
+            for k, v in step_sums.items():
+                sums[k] = sums.get(k, 0.0) + v
+            count += 1
             state["step"] += 1
             bar.update(1)
             if state["step"] % cfg.log_every == 0 or state["step"] == cfg.max_steps:
+                dt = max(1e-9, time.time() - t0)
                 last = {f"{name}/{k}": v / count for k, v in sums.items()}
                 last[f"{name}/lr"] = scheduler.get_last_lr()[0]
-                last[f"{name}/samples_per_s"] = samples * world / max(1e-9, time.time() - t0)
+                last[f"{name}/samples_per_s"] = samples * world / dt
+                if tokens:
+                    last[f"{name}/tokens_per_s"] = tokens * world / dt
+                if tokens and flops_per_token:
+                    achieved = tokens * flops_per_token / dt  # per process
+                    last[f"{name}/tflops_per_process"] = achieved / 1e12
+                    if peak_flops:
+                        last[f"{name}/mfu"] = achieved / peak_flops
                 accelerator.log(last, step=state["step"])
+                if accelerator.is_main_process:
+                    with open(metrics_file, "a") as f:
+                        f.write(json.dumps({"step": state["step"], **last}) + "\n")
                 bar.set_postfix(loss=f"{last[f'{name}/loss']:.4f}")
-                sums, count, t0, samples = {}, 0, time.time(), 0
+                sums, count, t0, samples, tokens = {}, 0, time.time(), 0, 0
             if evaluate and cfg.eval_every and state["step"] % cfg.eval_every == 0 and state["step"] < cfg.max_steps:
                 accelerator.log({f"{name}/eval/{k}": v for k, v in evaluate().items()}, step=state["step"])
                 model.train()

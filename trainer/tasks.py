@@ -41,6 +41,15 @@ def prepare(task: str, source: str, out_root: str, name: str | None = None, limi
 
 
 def prepare_shipped(out_root: str, tasks=("molcap", "forward", "retrosynthesis"), split: str = "train") -> dict:
-    """{task: preprocessed folder} for the shipped samples of each task."""
+    """{task: preprocessed folder} for the shipped samples of each task (one Ray cluster for all)."""
+    from graph.preprocess import connect_ray
+
     k = 0 if split == "train" else 1
-    return {t: prepare(t, os.path.join(ROOT, SHIPPED[t][k]), out_root, f"{t}_{split}") for t in tasks}
+    owner = connect_ray()
+    try:
+        return {t: prepare(t, os.path.join(ROOT, SHIPPED[t][k]), out_root, f"{t}_{split}") for t in tasks}
+    finally:
+        if owner:
+            import ray
+
+            ray.shutdown()
