@@ -134,3 +134,24 @@ def _read_columns(folder: str, files: list[str], cols: list[str]):
         raise ValueError(f"{folder}: no accepted rows")
     return pa.concat_tables(tables)
 
+
+
+class TaskMix(torch.utils.data.Dataset):
+    """Several InstructionDatasets as one (a multitask adapter); items carry their global index."""
+
+    def __init__(self, parts: list[InstructionDataset]):
+        self.parts = parts
+        self.starts = np.cumsum([0] + [len(p) for p in parts])
+        self.lengths = np.concatenate([p.lengths for p in parts]) if parts else np.zeros(0, np.int64)
+        self.rejects = [r for p in parts for r in p.rejects]
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def locate(self, i: int) -> tuple[InstructionDataset, int]:
+        k = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return self.parts[k], i - int(self.starts[k])
+
+    def __getitem__(self, i: int) -> dict:
+        part, j = self.locate(i)
+        return {**part[j], "index": i}

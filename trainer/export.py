@@ -1,0 +1,102 @@
+"""The export folder of a trained multimodal model, and loading it back.
+
+    EXPORT/
+      m3mol_config.json      what to rebuild: LLM name, attention, prompt, projector layout, stage, tasks
+      adapter/               PEFT LoRA adapter (stage 2): PeftModel.from_pretrained(base_llm, EXPORT/adapter)
+      projector/             projector_config.json + projector.safetensors
+      encoder/               config.json + model.safetensors (the frozen graph encoder)
+      tokenizer files        the tokenizer with the graph placeholder
+
+Under ZeRO-3 every rank holds only slices of the weights, so the trained and encoder parameters are
+gathered on EVERY rank (a gather from rank 0 alone writes empty tensors) and the main process writes.
+The folder is written as EXPORT.tmp and renamed, so a crash never leaves a half export.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+
+import torch
+
+CONFIG_NAME = "m3mol_config.json"
+
+
+def _gathered(params: list):
+    """Full parameters inside the block on every rank (ZeRO-3), a no-op otherwise."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    return contextlib.nullcontext()
+
+
+def gathered_state(module: torch.nn.Module, only_trainable: bool = False) -> dict:
+    """A CPU copy of the module's parameters and buffers; collective under ZeRO-3 (call on every rank)."""
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad or not only_trainable]
+    with _gathered([p for _, p in named]):
+        state = {n: p.detach().cpu().clone() for n, p in named}
+    if not only_trainable:
+        persistent = set(module.state_dict())  # not the non-persistent buffers
+        state.update({n: b.detach().cpu().clone() for n, b in module.named_buffers() if n in persistent})
+    return state
+
+
+def save_export(model, tokenizer, folder: str, meta: dict, accelerator) -> str:
+    """Write the export folder (main process); every rank must call it."""
+    from graph.encoder import HierarchicalEncoder
+
+    from .projector import GraphProjector
+
+    proj_state = gathered_state(model.projector) if model.projector is not None else None
+    enc_state = gathered_state(model.encoder) if model.encoder is not None else None
+    lora_state = None
+    if hasattr(model.llm, "peft_config"):
+        lora_state = gathered_state(model.llm, only_trainable=True)
+    if accelerator.is_main_process:
+        tmp = folder + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        if proj_state is not None:  # a SELFIES-only model has no graph side
+            proj = GraphProjector(model.projector.cfg)
+            proj.load_state_dict(proj_state)
+            proj.save_pretrained(os.path.join(tmp, "projector"))
+            enc = HierarchicalEncoder(model.encoder.cfg)
+            enc.load_state_dict(enc_state)
+            enc.save_pretrained(os.path.join(tmp, "encoder"))
+        if lora_state is not None:
+            model.llm.save_pretrained(os.path.join(tmp, "adapter"), state_dict=lora_state)
+        tokenizer.save_pretrained(tmp)
+        with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
+            json.dump(meta, f, indent=1)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    accelerator.wait_for_everyone()
+    return folder
+
+
+def load_export(folder: str, attn_implementation: str | None = None, dtype: torch.dtype = torch.float32):
+    """(tokenizer, MultimodalLM, meta) from an export folder; the LoRA adapter is loaded with PEFT."""
+    from transformers import AutoTokenizer
+
+    from graph.encoder import HierarchicalEncoder
+
+    from .llm import GRAPH_TOKEN, load_llm
+    from .model import MultimodalLM
+    from .projector import GraphProjector
+
+    with open(os.path.join(folder, CONFIG_NAME)) as f:
+        meta = json.load(f)
+    _, lm = load_llm(meta["llm"], dtype=dtype, attn_implementation=attn_implementation or meta["attn_implementation"],
+                     seed=meta.get("llm_seed", 0))
+    if os.path.isdir(os.path.join(folder, "adapter")):
+        from peft import PeftModel
+
+        lm = PeftModel.from_pretrained(lm, os.path.join(folder, "adapter"))
+    tok = AutoTokenizer.from_pretrained(folder)
+    graph_side = os.path.isdir(os.path.join(folder, "projector"))
+    model = MultimodalLM(lm, HierarchicalEncoder.from_pretrained(os.path.join(folder, "encoder")) if graph_side else None,
+                         GraphProjector.from_pretrained(os.path.join(folder, "projector")) if graph_side else None,
+                         tok.convert_tokens_to_ids(GRAPH_TOKEN))
+    return tok, model.eval(), meta
