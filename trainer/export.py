@@ -76,8 +76,28 @@ def save_export(model, tokenizer, folder: str, meta: dict, accelerator) -> str:
     return folder
 
 
+@contextlib.contextmanager
+def _whole_model_loading():
+    """Load whole models even inside a ZeRO-3 run (transformers would otherwise partition them with
+    deepspeed.zero.Init, a collective that hangs when only the main process loads)."""
+    from transformers.integrations import deepspeed as hf_ds
+
+    saved = hf_ds._hf_deepspeed_config_weak_ref
+    hf_ds._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = saved
+
+
 def load_export(folder: str, attn_implementation: str | None = None, dtype: torch.dtype = torch.float32):
-    """(tokenizer, MultimodalLM, meta) from an export folder; the LoRA adapter is loaded with PEFT."""
+    """(tokenizer, MultimodalLM, meta) from an export folder; the LoRA adapter is loaded with PEFT.
+    The model is whole on the calling process (never ZeRO-3 partitioned)."""
+    with _whole_model_loading():
+        return _load_export(folder, attn_implementation, dtype)
+
+
+def _load_export(folder: str, attn_implementation: str | None, dtype: torch.dtype):
     from transformers import AutoTokenizer
 
     from graph.encoder import HierarchicalEncoder

@@ -60,17 +60,22 @@ def make_accelerator(cfg: RunConfig):
     # Without a GPU the process group must be gloo, or accelerate counts one process while the
     # launcher started several (see shared notes on CPU-distributed training).
     handlers = []
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
         # `accelerate launch` with a MULTI_GPU config file does not pass use_cpu on to the ranks; without
-        # it every rank trains alone (DistributedType.NO, no gradient sync) while looking parallel.
-        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+        # it every rank trains alone (DistributedType.NO, no gradient sync) while looking parallel. With
+        # DeepSpeed it must NOT be set: ACCELERATE_USE_CPU silently drops DeepSpeed.
+        if not deepspeed:
+            os.environ.setdefault("ACCELERATE_USE_CPU", "true")
     log_with = None if cfg.log_with == "none" else cfg.log_with
     # A seedable sampler shuffles by (seed, epoch), so a resumed run replays the same batch order.
     acc = Accelerator(mixed_precision=cfg.mixed_precision, log_with=log_with, project_dir=cfg.run_dir,
                       kwargs_handlers=handlers, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
     if acc.num_processes > 1 and acc.distributed_type.name == "NO":
         raise RuntimeError(f"{acc.num_processes} processes but no distributed backend: gradients would not sync")
+    if deepspeed and acc.distributed_type.name != "DEEPSPEED":
+        raise RuntimeError(f"launched for DeepSpeed but Accelerate runs {acc.distributed_type.name}")
     if log_with:
         flat = {"seed": cfg.seed, "stages": ",".join(cfg.stages)}
         for name, sc in cfg.stage_configs.items():

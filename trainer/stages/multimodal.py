@@ -26,6 +26,7 @@ from graph.encoder import EncoderConfig, HierarchicalEncoder
 
 from ..builders import optimizer_and_schedule
 from ..config import ConfigError, TrainConfig, check_path
+from ..export import gathered_state, load_export, save_export
 from ..instructions import InstructionDataset, PromptConfig, TaskMix
 from ..loop import train
 from ..projector import LEVELS, REDUCTIONS, GraphProjector, ProjectorConfig
@@ -81,6 +82,7 @@ class Config:
     lora: LoraSettings | None = None
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, max_steps=100, max_grad_norm=1.0))
     peak_tflops: float = 0.0  # per process, for MFU (e.g. 989 for an H100 in bf16); 0: not reported
+    verify_export: bool = True  # reload the export on the main process and compare logits (costs one LLM load)
 
 
 def validate(cfg: Config, stage: str) -> None:
@@ -135,12 +137,15 @@ def flops_per_token(model, mean_len: float, label_fraction: float) -> float:
     """Training FLOPs per token with a frozen base: 2N forward + 2N activation gradients for frozen weights,
     6N for trained ones, causal attention (3 x 2 x 2 x layers x width x mean context), the LM head on
     label positions only."""
+    def numel(p):  # under ZeRO-3 a parameter's own tensor is empty; ds_numel is its full size
+        return getattr(p, "ds_numel", p.numel())
+
     cfg = model._base().config
-    head = model.lm_head.weight.numel()
-    frozen = sum(p.numel() for n, p in model.llm.named_parameters() if not p.requires_grad and "embed" not in n
+    head = numel(model.lm_head.weight)
+    frozen = sum(numel(p) for n, p in model.llm.named_parameters() if not p.requires_grad and "embed" not in n
                  and "lm_head" not in n)
-    trained = sum(p.numel() for p in model.llm.parameters() if p.requires_grad)
-    trained += sum(p.numel() for p in model.projector.parameters()) if model.projector is not None else 0
+    trained = sum(numel(p) for p in model.llm.parameters() if p.requires_grad)
+    trained += sum(numel(p) for p in model.projector.parameters()) if model.projector is not None else 0
     attention = 12 * cfg.num_hidden_layers * cfg.hidden_size * mean_len / 2
     return 4 * frozen + 6 * trained + attention + 4 * head * label_fraction
 
@@ -194,7 +199,6 @@ def run(cfg: Config, accelerator, run_dir: str, seed: int, stage: str) -> dict:
     from accelerate.utils import send_to_device
 
     from ..collator import BatchPlan, Collator
-    from ..export import save_export
     from ..llm import load_tokenizer
 
     out_dir = os.path.join(run_dir, stage)
@@ -231,11 +235,53 @@ def run(cfg: Config, accelerator, run_dir: str, seed: int, stage: str) -> dict:
     frozen_same = fingerprint(unwrapped, trainable=False) == frozen_before
     trained_after = fingerprint(unwrapped, trainable=True)
     moved = sum(trained_after[k] != v for k, v in trained_before.items())
-    flags = accelerator.reduce(torch.tensor([float(frozen_same)], device=accelerator.device), "min")
+    flags = accelerator.gather(torch.tensor([float(frozen_same)], device=accelerator.device)).min()
     meta = {"llm": cfg.llm.name, "attn_implementation": cfg.llm.attn_implementation, "stage": stage,
             "prompt": dataclasses.asdict(cfg.prompt), "projector": dataclasses.asdict(cfg.projector),
             "lora": dataclasses.asdict(cfg.lora) if cfg.lora else None, "data": cfg.data, "seed": seed}
     export = save_export(unwrapped, tok, os.path.join(out_dir, "export"), meta, accelerator)
-    return {**metrics, **inits, "export": export, "samples": len(data), "rejected_longer_than_max_length": len(data.rejects),
-            "frozen_params_unchanged": bool(flags.item() == 1.0), "trained_tensors": len(trained_before),
-            "trained_tensors_changed": int(moved), "flops_per_token": fpt}
+    checks = {"ranks_identical": ranks_identical(unwrapped, accelerator)}
+    if cfg.verify_export:
+        probe = send_to_device(collate([data[i] for i in range(min(3, len(data)))]), accelerator.device)
+        checks["export_max_abs_logit_diff"] = verify_export(unwrapped, probe, export, os.path.join(out_dir, "probe.safetensors"),
+                                                            accelerator)
+    accelerator.free_memory(engine, opt, sched)  # the next stage gets a fresh DeepSpeed engine
+    return {**metrics, **inits, **checks, "export": export, "samples": len(data),
+            "rejected_longer_than_max_length": len(data.rejects), "frozen_params_unchanged": bool(flags.item() == 1.0),
+            "trained_tensors": len(trained_before), "trained_tensors_changed": int(moved), "flops_per_token": fpt}
+
+
+def ranks_identical(model, accelerator) -> bool:
+    """Every rank holds the same trained weights (gathered under ZeRO-3): a diverged rank is a bug."""
+    from accelerate.utils import gather_object
+
+    state = gathered_state(model, only_trainable=True)
+    digest = hashlib.blake2b(b"".join(state[k].contiguous().view(torch.uint8).numpy().tobytes() for k in sorted(state)),
+                             digest_size=16).hexdigest()
+    digests = gather_object([digest]) if accelerator.num_processes > 1 else [digest]
+    return len(set(digests)) == 1
+
+
+@torch.no_grad()
+def verify_export(model, probe: dict, export: str, path: str, accelerator) -> float:
+    """Logits of the trained model on a probe batch (every rank: ZeRO-3 forward is collective) against
+    the export reloaded from disk with PEFT (main process). The probe and its logits are saved to `path`."""
+    from safetensors.torch import save_file
+
+    was_training = model.training
+    model.eval()
+    logits = model.logits(probe)
+    model.train(was_training)
+    diff = 0.0
+    if accelerator.is_main_process:
+        _, reloaded, _ = load_export(export)
+        diff = float((reloaded.logits(send_to_cpu(probe)) - logits.cpu()).abs().max())
+        save_file({"logits": logits.cpu().contiguous(), "input_ids": probe["input_ids"].cpu().contiguous()}, path)
+    accelerator.wait_for_everyone()
+    return diff
+
+
+def send_to_cpu(batch: dict) -> dict:
+    from accelerate.utils import send_to_device
+
+    return send_to_device(batch, "cpu")
