@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import os
 import types
 import typing
@@ -138,7 +139,9 @@ def load_yaml(path: str) -> dict:
         data = yaml.safe_load(f) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe is a mapping of keys")
-    return data
+    # YAML anchors / aliases (`common: &c {...}`, `lora: *c`) load as ONE shared dict: an override of
+    # one section would silently change the other. A JSON round trip gives each section its own copy.
+    return json.loads(json.dumps(data, default=str))
 
 
 __all__ = ["ConfigError", "TrainConfig", "from_dict", "apply_overrides", "to_dict", "check_path", "load_yaml", "field"]

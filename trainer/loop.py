@@ -65,6 +65,16 @@ def save_checkpoint(accelerator, ckpt_dir: str, state: dict, keep: int) -> str:
     return final
 
 
+def prepare_training(accelerator, model, optimizer, scheduler, loader=None, grad_accum: int = 1):
+    """Accelerate / DeepSpeed wrapping. The scheduler is NOT prepared: a prepared one steps once per process
+    per optimizer step (accelerate counts samples), which would run our per-step schedule `world` times too
+    fast; it is registered for checkpointing instead and the loop steps it once per optimizer step."""
+    accelerator.gradient_accumulation_steps = grad_accum
+    objs = accelerator.prepare(model, optimizer, *([loader] if loader is not None else []))
+    accelerator.register_for_checkpointing(scheduler)
+    return objs
+
+
 def train(accelerator, model, optimizer, scheduler, loader, step_fn, cfg: TrainConfig, ckpt_dir: str,
           seed: int = 0, evaluate: Callable[[], dict] | None = None, name: str = "train",
           count_fn: Callable | None = None, on_epoch: Callable[[int], None] | None = None,
@@ -123,7 +133,8 @@ def train(accelerator, model, optimizer, scheduler, loader, step_fn, cfg: TrainC
                     if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                         accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                     optimizer.step()
-                    scheduler.step()
+                    if accelerator.sync_gradients:  # once per optimizer step (see prepare_training)
+                        scheduler.step()
                     optimizer.zero_grad()
                 state["batches_in_epoch"] += 1
                 state["micro"] += 1

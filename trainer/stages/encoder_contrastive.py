@@ -18,7 +18,7 @@ from graph.dataset import ShardDataset
 
 from ..builders import build_encoder, check_shards, holdout_split, optimizer_and_schedule
 from ..config import ConfigError, TrainConfig, check_path
-from ..loop import train
+from ..loop import prepare_training, train
 from .encoder_ssl import EncoderArch
 
 
@@ -127,8 +127,7 @@ def run(cfg: Config, accelerator, run_dir: str, seed: int) -> dict:
                               num_workers=cfg.train.num_workers)
     held_loader = DataLoader(held_set, batch_size=128)
     opt, sched = optimizer_and_schedule(model.parameters(), cfg.train)
-    accelerator.gradient_accumulation_steps = cfg.train.grad_accum
-    model, opt, train_loader, sched = accelerator.prepare(model, opt, train_loader, sched)
+    model, opt, train_loader = prepare_training(accelerator, model, opt, sched, train_loader, cfg.train.grad_accum)
     unwrapped = accelerator.unwrap_model(model)
 
     def step(m, batch, gen):

@@ -17,7 +17,7 @@ from graph.ssl import SSLConfig, SSLHeads, make_ssl_batch, ssl_losses
 
 from ..builders import build_encoder, check_shards, holdout_split, optimizer_and_schedule, split_block
 from ..config import ConfigError, TrainConfig, check_path
-from ..loop import train
+from ..loop import prepare_training, train
 
 
 @dataclass
@@ -93,8 +93,7 @@ def run(cfg: Config, accelerator, run_dir: str, seed: int) -> dict:
     held_loader = DataLoader(Subset(data, held_idx), batch_size=256)
     model = SSLModel(build_encoder(cfg.init_encoder, vars(cfg.encoder)), cfg.ssl)
     opt, sched = optimizer_and_schedule(model.parameters(), cfg.train)
-    accelerator.gradient_accumulation_steps = cfg.train.grad_accum
-    model, opt, train_loader, sched = accelerator.prepare(model, opt, train_loader, sched)
+    model, opt, train_loader = prepare_training(accelerator, model, opt, sched, train_loader, cfg.train.grad_accum)
 
     def step(m, batch, gen):
         loss, metrics = m(batch, gen)

@@ -28,7 +28,7 @@ from ..builders import optimizer_and_schedule
 from ..config import ConfigError, TrainConfig, check_path
 from ..export import gathered_state, load_export, save_export
 from ..instructions import InstructionDataset, PromptConfig, TaskMix
-from ..loop import train
+from ..loop import prepare_training, train
 from ..projector import LEVELS, REDUCTIONS, GraphProjector, ProjectorConfig
 from .encoder_ssl import EncoderArch
 
@@ -214,8 +214,7 @@ def run(cfg: Config, accelerator, run_dir: str, seed: int, stage: str) -> dict:
     loader = torch.utils.data.DataLoader(data, batch_sampler=plan, collate_fn=collate, num_workers=cfg.train.num_workers)
     model, inits = build_model(cfg, run_dir, stage, tok, seed)
     opt, sched = optimizer_and_schedule(model.parameters(), cfg.train)
-    accelerator.gradient_accumulation_steps = cfg.train.grad_accum
-    engine, opt, sched = accelerator.prepare(model, opt, sched)
+    engine, opt = prepare_training(accelerator, model, opt, sched, grad_accum=cfg.train.grad_accum)
     unwrapped = accelerator.unwrap_model(engine)
     trained_before = fingerprint(unwrapped, trainable=True)
     frozen_before = fingerprint(unwrapped, trainable=False)  # after prepare: ZeRO-3 slices now exist
@@ -245,7 +244,7 @@ def run(cfg: Config, accelerator, run_dir: str, seed: int, stage: str) -> dict:
         probe = send_to_device(collate([data[i] for i in range(min(3, len(data)))]), accelerator.device)
         checks["export_max_abs_logit_diff"] = verify_export(unwrapped, probe, export, os.path.join(out_dir, "probe.safetensors"),
                                                             accelerator)
-    accelerator.free_memory(engine, opt, sched)  # the next stage gets a fresh DeepSpeed engine
+    accelerator.free_memory(engine, opt)  # the next stage gets a fresh DeepSpeed engine
     return {**metrics, **inits, **checks, "export": export, "samples": len(data),
             "rejected_longer_than_max_length": len(data.rejects), "frozen_params_unchanged": bool(flags.item() == 1.0),
             "trained_tensors": len(trained_before), "trained_tensors_changed": int(moved), "flops_per_token": fpt}
