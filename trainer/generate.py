@@ -32,5 +32,5 @@ def generate(model, tok, items: list[dict], max_new_tokens: int = 128, num_beams
     embeds = model.embed(ids, batch, len(graphs))
     out = model.llm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
                              do_sample=False, num_beams=num_beams, pad_token_id=tok.pad_token_id,
-                             eos_token_id=tok.eos_token_id)
+                             eos_token_id=tok.eos_token_id, use_cache=True)  # training loads set use_cache=False
     return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
