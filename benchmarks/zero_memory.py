@@ -1,0 +1,546 @@
+"""`python -m benchmarks.zero_memory`: what ZeRO-3 saves over ZeRO-2 per rank, measured on 2 CPU ranks.
+
+Model: a LLaMA with LLaMA-3.2-1B's shape (hidden 2048, 16 layers, 32 heads / 8 KV heads, MLP 8192,
+vocabulary 128,256, tied embeddings, llama3 RoPE with theta 500,000) and random weights, inside the
+multimodal model (hierarchical encoder, frozen; 2-layer MLP projector; graph tokens `none`), LoRA r 64 /
+alpha 16 / dropout 0.05 on every linear layer of the LLM except the head. Under ZeRO-3 the LLM is built
+by `from_config` after the Accelerator with the DeepSpeed plugin exists, so transformers constructs it
+inside `deepspeed.zero.Init`: each layer is partitioned as soon as it is built and no rank ever holds the
+model whole (checked: every LLM parameter has a `ds_tensor` of ceil(numel / world) elements before
+`accelerator.prepare`). The frozen encoder (1.9M parameters) is a ZeRO-3 leaf module, gathered whole at
+its forward. (Its layers read child embedding tables without calling those children; DeepSpeed 0.19.8
+gathers such tensors on access anyway, registering them as external parameters, so the leaf only saves
+per-module gathers.)
+
+Each configuration runs as one `accelerate launch` of 2 CPU processes with
+`launch_configs/accelerate/cpu_2proc_zero{2,3}.yaml` and a copy of `ds_configs/zero{2,3}.json`
+(`--deepspeed_config_file`; the overrides are listed under `ds_overrides` in the result: ZeRO-3 prefetching
+and reuse off, because with the shipped GPU values DeepSpeed keeps most of a 1.2B model gathered from
+the second step on, see OVERRIDES below). Both run the same
+`--steps` stage-2 steps (forward + backward + AdamW on LoRA and projector) on the same packed micro-batches
+of the shipped forward-prediction samples (one row of at most `--budget` tokens per rank and step, the
+batch plan sharded across ranks by Accelerate), with the same weights: every LLM tensor is filled from a
+generator seeded by its name (ZeRO-3's `zero.Init` consumes the global RNG differently from a plain
+build), the encoder, projector and LoRA from the same seed, dropout seeded per step and rank.
+
+Definitions (per rank; the JSON reports the maximum over the 2 ranks):
+  param bytes    bytes of parameter storage materialised on the rank at one moment: for every parameter
+                 of the model (each shared tensor once), `p.data` (the whole tensor under ZeRO-2; under
+                 ZeRO-3 the gathered full tensor while it is gathered, else empty) plus `p.ds_tensor` (the
+                 rank's ZeRO-3 partition). Storage sizes are read (`numel * element_size`), not estimated.
+                 Optimizer state and optimizer-side fp32 master partitions are NOT counted (they cover
+                 only the trainable LoRA / projector and are partitioned under both stages).
+  peak param bytes  the maximum of param bytes over the steps, sampled in a forward pre-hook (after
+                 ZeRO-3 has gathered the module's parameters) and a forward post-hook (prepended, so
+                 before ZeRO-3 releases them) of every module, in backward when each module's output
+                 gradient arrives (after ZeRO-3's pre-backward gather), after each backward and after
+                 each optimizer step.
+  resident param bytes  param bytes between steps (after the optimizer step): what the rank keeps.
+  peak RSS       `resource.getrusage(RUSAGE_SELF).ru_maxrss` read after the steps: the process's peak
+                 resident memory since it started (model construction included; ZeRO-3's construction
+                 peak comes from transformers re-initialising each module gathered on rank 0). The ranks
+                 run with glibc's mmap threshold fixed at 128 KiB (`MALLOC_MMAP_THRESHOLD_`,
+                 `MALLOC_TRIM_THRESHOLD_`; `--default-malloc` turns this off): with the default dynamic
+                 threshold, freed multi-MB blocks stay in the heap, and ZeRO-3, which allocates and frees
+                 every gathered tensor each step, keeps far more freed memory resident than ZeRO-2 (quick
+                 shape, peak RSS per rank: ZeRO-2 1,649 / ZeRO-3 2,074 MB by default; 1,322 / 1,405 MB fixed).
+`lower_bound_zero3_over_zero2` = 1 / world + (largest parameter) / (all parameters): ZeRO-3 gathers a
+whole parameter for its module, so the tied 128,256 x 2,048 embedding (21% of the model) is materialised
+whole next to the rank's partition during the lookup and the head; the peak cannot go below this bound.
+
+Last stdout line: one JSON object (`zero{2,3}_peak_param_bytes_per_rank`, `zero3_over_zero2_param_bytes`
+with its `target`, peak RSS, per-step losses of both runs and their max difference, the LoRA adapter
+exported from each run (gathered on every rank under ZeRO-3) and their difference, wall time, parameter
+counts). Progress on stderr. `--quick`: an 80M-parameter shape for smoke tests (hidden 256, 8 layers, MLP
+8192, SmolLM2's 49,152-token vocabulary: the embedding stays 16% of the model), 2 steps, ZeRO-3 thresholds 0.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import socket
+import subprocess
+import sys
+import time
+import zlib
+
+if __package__ in (None, ""):  # `accelerate launch benchmarks/zero_memory.py` runs this file as a script
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TARGET = 0.55  # ZeRO-3 / ZeRO-2 peak parameter bytes per rank with 2 ranks
+
+SHAPES = {
+    # LLaMA-3.2-1B
+    "full": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                 intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True, max_position_embeddings=131072,
+                 rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    # smoke test: SmolLM2's vocabulary (the tokenizer's ids) with a narrow, wide-MLP body (80M parameters in
+    # all) so the 49,152 x 256 embedding stays ~16% of the model: lower bound of the ratio 0.66
+    "quick": dict(hidden_size=256, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=8192, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=4096,
+                  rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),
+}
+# ZeRO-3 settings the benchmark changes in its copy of ds_configs/zero3.json (reported as `ds_overrides`).
+# Prefetching and reuse keep gathered tensors alive. Measured on DeepSpeed 0.19.8, 2 CPU ranks: with the
+# shipped prefetch 5e7 / max live 1e9 (reuse distance 1e8), a ZeRO-3 rank of the 1.2B model held up to
+# 6.6 GB of parameters from its second step on (ZeRO-2: 5.2 GB) at 11.0 GB peak RSS; with reuse 1e9 its
+# RSS passed 10.5 GB in the second step. On the quick shape, prefetch alone (4e6) or reuse alone (1e9)
+# each let the peak grow from 201 to ~460 MiB; prefetch 4e6 under max live 8e6 stayed at 201 MiB.
+# Off here: the measurement shows what partitioning itself saves.
+OVERRIDES = {3: {"stage3_prefetch_bucket_size": 0, "stage3_max_reuse_distance": 0}}
+# --quick: an 80M model is not partitioned under GPU-sized persistence thresholds either.
+QUICK_OVERRIDES = {3: {"stage3_param_persistence_threshold": 0, "stage3_model_persistence_threshold": 0}}
+LAUNCH = {2: "launch_configs/accelerate/cpu_2proc_zero2.yaml", 3: "launch_configs/accelerate/cpu_2proc_zero3.yaml"}
+DS_FILE = {2: "ds_configs/zero2.json", 3: "ds_configs/zero3.json"}
+
+
+def log(msg: str) -> None:
+    print(f"[zero_memory {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def rss_mb() -> float:
+    """Peak resident set size of this process so far, MB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+# -- the worker: one rank of one accelerate launch ------------------------------------------------------
+def unique_params(module) -> list:
+    seen, out = set(), []
+    for p in module.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+def param_storage_bytes(params) -> int:
+    """Bytes of parameter storage materialised now: p.data (whole / gathered) + p.ds_tensor (partition)."""
+    total = 0
+    for p in params:
+        total += p.data.numel() * p.data.element_size()
+        t = getattr(p, "ds_tensor", None)
+        if t is not None:
+            total += t.numel() * t.element_size()
+    return total
+
+
+class ParamMeter:
+    """Peak of `param_storage_bytes` sampled around every module's forward (see the module docstring)."""
+
+    def __init__(self, model, trace: bool = False):
+        self.params = unique_params(model)
+        self.peak = self.step_peak = 0
+        self.trace = trace  # print every new step peak with the module that reached it (debugging)
+        self.handles = []
+        for m in model.modules():
+            self.handles.append(m.register_forward_pre_hook(self._pre))
+            self.handles.append(m.register_forward_hook(self._post, prepend=True))
+
+    def _pre(self, module, args):
+        self.sample(module, "forward-pre")
+
+    def _post(self, module, args, out):
+        self.sample(module, "forward-post")
+        # backward: a hook on the module's output fires once its gradient exists, i.e. after ZeRO-3's
+        # pre-backward function (which wraps this output after us) has gathered the module's parameters
+        for t in _tensors(out):
+            if t.requires_grad:
+                t.register_hook(self._grad)
+
+    def _grad(self, grad):
+        self.sample(None, "backward")
+
+    def sample(self, module=None, where: str = "") -> int:
+        b = param_storage_bytes(self.params)
+        if b > self.step_peak:
+            if self.trace and b > 1.02 * self.step_peak:
+                print(f"[param bytes] {b / 2**20:9.1f} MiB at {where} {type(module).__name__}, RSS "
+                      f"{current_rss_mb():.0f} MB", file=sys.stderr, flush=True)
+            self.step_peak = b
+        self.peak = max(self.peak, b)
+        return b
+
+    def next_step(self) -> int:
+        """The peak since the last call; starts a new step."""
+        b, self.step_peak = self.step_peak, 0
+        return b
+
+
+def _tensors(out):
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for t in out if isinstance(t, torch.Tensor)]
+    return []
+
+
+def fill_llm_weights(llm, seed: int, world: int, rank: int) -> None:
+    """Every LLM tensor from a generator seeded by (seed, its name): the same weights whatever the stage.
+    Under ZeRO-3 every rank computes each full tensor and keeps its own slice (DeepSpeed's layout: rank r
+    holds elements [r * ceil(n / world), ...) of the flattened tensor), so no gather is needed."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in llm.named_parameters():
+            shape = tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
+            if name.endswith("norm.weight"):
+                full = torch.ones(shape)
+            elif len(shape) == 1:
+                full = torch.zeros(shape)
+            else:
+                g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+                full = torch.randn(shape, generator=g, dtype=torch.float32).mul_(0.02)
+            if hasattr(p, "ds_tensor"):
+                flat, part = full.view(-1), p.ds_tensor
+                start = rank * part.numel()
+                n = max(0, min(part.numel(), flat.numel() - start))
+                part.data.zero_()
+                part.data[:n].copy_(flat[start:start + n])
+                if p.data.numel() == flat.numel():  # a persistent (never partitioned) tensor: its full copy too
+                    p.data.copy_(full)
+            else:
+                p.data.copy_(full)
+
+
+def worker(a) -> None:
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType, InitProcessGroupKwargs, gather_object
+
+    t_start = time.time()
+    handlers = [] if torch.cuda.is_available() else [InitProcessGroupKwargs(backend="gloo")]
+    acc = Accelerator(kwargs_handlers=handlers)
+    rank, world = acc.process_index, acc.num_processes
+    plugin = acc.state.deepspeed_plugin
+    if acc.distributed_type != DistributedType.DEEPSPEED or plugin is None:
+        raise RuntimeError(f"not running under DeepSpeed ({acc.distributed_type}); is ACCELERATE_USE_CPU set?")
+    stage = plugin.zero_stage
+    if stage != a.stage:
+        raise RuntimeError(f"launched for ZeRO-{a.stage} but the DeepSpeed config says stage {stage}")
+    zero3 = stage == 3
+
+    import deepspeed
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from graph.encoder import EncoderConfig, HierarchicalEncoder
+    from trainer.attention import register
+    from trainer.collator import BatchPlan, Collator
+    from trainer.instructions import InstructionDataset, PromptConfig
+    from trainer.llm import GRAPH_TOKEN, SMOLLM2, load_tokenizer
+    from trainer.model import MultimodalLM
+    from trainer.projector import GraphProjector, ProjectorConfig
+
+    def say(msg):
+        if acc.is_main_process:
+            log(f"ZeRO-{stage}: {msg}")
+
+    tok = load_tokenizer(SMOLLM2)
+    ds = InstructionDataset(a.data, tok, prompt=PromptConfig(max_length=a.budget))
+
+    register()
+    shape = SHAPES[a.shape]
+    cfg = LlamaConfig(**shape, attn_implementation="sdpa_varlen")
+    t0 = time.time()
+    lm = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)  # inside deepspeed.zero.Init under ZeRO-3
+    if lm.get_output_embeddings().weight is not lm.get_input_embeddings().weight:
+        raise AssertionError("the LM head is not tied to the embedding")
+    lm.config.use_cache = False
+    llm_params = unique_params(lm)
+    zero_init = all(hasattr(p, "ds_id") for p in llm_params)
+    if zero3:
+        if not zero_init:
+            raise AssertionError("ZeRO-3: from_config did not run inside deepspeed.zero.Init")
+        bad = [p.ds_numel for p in llm_params if p.ds_tensor.numel() != -(-p.ds_numel // world)]
+        if bad:
+            raise AssertionError(f"ZeRO-3: {len(bad)} LLM tensors are not partitioned over {world} ranks")
+    llm_partition_fraction = (sum(p.ds_tensor.numel() for p in llm_params) / sum(p.ds_numel for p in llm_params)
+                              if zero3 else 1.0)
+    rss_after_llm = rss_mb()
+    say(f"LLM built in {time.time() - t0:.1f} s (zero.Init: {zero_init}, local share "
+        f"{llm_partition_fraction:.3f}, peak RSS {rss_after_llm:.0f} MB); filling seeded weights")
+    t0 = time.time()
+    fill_llm_weights(lm, a.seed, world, rank)
+    say(f"weights filled in {time.time() - t0:.1f} s")
+
+    torch.manual_seed(a.seed)
+    lm = get_peft_model(lm, LoraConfig(r=64, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear"))
+    torch.manual_seed(a.seed + 1)
+    enc = HierarchicalEncoder(EncoderConfig())
+    proj = GraphProjector(ProjectorConfig(in_dim=enc.out_dim, out_dim=shape["hidden_size"], kind="mlp2"))
+    model = MultimodalLM(lm, enc, proj, tok.convert_tokens_to_ids(GRAPH_TOKEN))
+    if zero3:
+        from deepspeed.utils import set_z3_leaf_modules
+
+        set_z3_leaf_modules(model, [HierarchicalEncoder])
+    all_params = unique_params(model)
+    numel = lambda p: p.ds_numel if hasattr(p, "ds_numel") else p.numel()  # noqa: E731
+    n_params = sum(numel(p) for p in all_params)
+    n_llm_base = sum(numel(p) for p in llm_params)
+    largest = max(numel(p) for p in all_params)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_train = sum(numel(p) for p in trainable)
+    opt = torch.optim.AdamW(trainable, lr=a.lr)
+
+    plan = BatchPlan(ds.lengths, "packed", seed=a.seed, budget=a.budget)
+    dl = torch.utils.data.DataLoader(ds, batch_sampler=plan, collate_fn=Collator(tok.pad_token_id, budget=a.budget))
+    model, opt, dl = acc.prepare(model, opt, dl)
+    engine_cls = f"{type(model).__module__}.{type(model).__name__}"
+    if not isinstance(model, deepspeed.DeepSpeedEngine):
+        raise RuntimeError(f"accelerate.prepare returned {engine_cls}, not a DeepSpeedEngine")
+    meter = ParamMeter(model.module, trace=bool(os.environ.get("ZERO_MEMORY_TRACE")) and acc.is_main_process)
+    resident_start = meter.sample()
+    meter.next_step()
+    rss_after_prepare = rss_mb()
+    say(f"{n_params / 1e6:.1f}M parameters ({n_train / 1e6:.1f}M trainable), {len(plan)} packed rows, "
+        f"resident param bytes {resident_start / 2**20:.0f} MiB, RSS {current_rss_mb():.0f} MB (peak "
+        f"{rss_after_prepare:.0f}); training {a.steps} steps")
+
+    losses, step_s, seen, resident, step_peaks = [], [], [], [], []
+    model.train()
+    for step, batch in enumerate(dl):
+        if step >= a.steps:
+            break
+        t0 = time.time()
+        torch.manual_seed(a.seed * 100_003 + step * 101 + rank)  # dropout: same masks under both stages
+        out = model(batch)
+        loss = out.loss_sum / out.num_tokens
+        acc.backward(loss)  # DeepSpeed: engine.backward (scales by 1/GAS) + engine.step at the boundary
+        meter.sample()
+        opt.step()  # no-ops under DeepSpeed (the engine stepped inside backward), kept for the generic loop
+        opt.zero_grad()
+        resident.append(meter.sample())
+        step_peaks.append(meter.next_step())
+        tot = torch.stack([out.loss_sum.detach().float(), out.num_tokens.detach().float()])
+        torch.distributed.all_reduce(tot)
+        losses.append(float(tot[0] / tot[1]))
+        step_s.append(round(time.time() - t0, 2))
+        seen.append([int(s[3]) for s in batch["spans"]])
+        say(f"step {step}: loss {losses[-1]:.6f} ({step_s[-1]:.1f} s, {batch['real_tokens']} tokens on rank 0, "
+            f"peak param bytes {step_peaks[-1] / 2**20:.0f} MiB, RSS {current_rss_mb():.0f} MB, peak {rss_mb():.0f})")
+    peak_rss = rss_mb()
+
+    # LoRA + projector export: a collective under ZeRO-3 (every rank gathers), saved by the main process
+    named = [(n, p) for n, p in model.module.named_parameters() if p.requires_grad]
+    gather = (deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None) if zero3
+              else contextlib.nullcontext())
+    with gather:
+        sd = {n: p.detach().clone() for n, p in named}
+    export = os.path.join(a.out_dir, f"zero{stage}_adapter")
+    if acc.is_main_process:
+        from safetensors.torch import save_file
+
+        model.module.llm.save_pretrained(export, state_dict={k[4:]: v for k, v in sd.items() if k.startswith("llm.")})
+        save_file({k: v.contiguous() for k, v in sd.items() if k.startswith("projector.")},
+                  os.path.join(export, "projector.safetensors"))
+    acc.wait_for_everyone()
+
+    report = {
+        "rank": rank, "num_processes": world, "distributed_type": str(acc.distributed_type).split(".")[-1],
+        "engine": engine_cls, "zero_stage": stage, "zero_init_at_construction": zero_init,
+        "llm_local_share_at_construction": round(llm_partition_fraction, 4),
+        "ds_config_file": os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"),
+        "train_micro_batch_size_per_gpu": acc.deepspeed_config.get("train_micro_batch_size_per_gpu"),
+        "gradient_accumulation_steps": acc.deepspeed_config.get("gradient_accumulation_steps"),
+        "gradient_clipping": acc.deepspeed_config.get("gradient_clipping"),
+        "dataloader": type(dl).__name__, "batch_sampler": type(dl.batch_sampler).__name__,
+        "params": n_params, "llm_base_params": n_llm_base, "trainable_params": n_train, "largest_param": largest,
+        "full_param_bytes": sum(numel(p) * p.element_size() for p in all_params),
+        "peak_param_bytes": meter.peak, "step_peak_param_bytes": step_peaks, "resident_param_bytes": max(resident + [resident_start]),
+        "rss_after_llm_build_mb": round(rss_after_llm, 1), "rss_after_prepare_mb": round(rss_after_prepare, 1),
+        "peak_rss_mb": round(peak_rss, 1),
+        "losses": losses, "step_s": step_s, "samples": seen, "threads": torch.get_num_threads(),
+        "wall_s": round(time.time() - t_start, 1), "export": export,
+    }
+    reports = gather_object([report])
+    if acc.is_main_process:
+        with open(a.report, "w") as f:
+            json.dump(reports, f)
+    acc.wait_for_everyone()
+
+
+# -- the driver --------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+
+
+def child_env(default_malloc: bool = False) -> dict:
+    env = dict(os.environ)
+    if not default_malloc:
+        env.update(MALLOC_ENV)  # RSS then shows live memory, not glibc's retained free blocks
+    env.pop("ACCELERATE_USE_CPU", None)  # with a DeepSpeed config it silently turns DeepSpeed off
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")  # one ninja: no shm op rebuild
+    env.setdefault("DS_ACCELERATOR", "cpu")
+    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, ".cache", "torch_extensions"))
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def launch(stage: int, a, data: str, overrides: dict) -> list[dict]:
+    with open(os.path.join(ROOT, DS_FILE[stage])) as f:
+        ds_cfg = json.load(f)
+    ds_cfg["zero_optimization"].update(overrides)
+    ds_path = os.path.join(a.out_dir, f"zero{stage}.json")
+    report = os.path.join(a.out_dir, f"zero{stage}_report.json")
+    with open(ds_path, "w") as f:
+        json.dump(ds_cfg, f, indent=1)
+    if os.path.exists(report):
+        os.remove(report)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", os.path.join(ROOT, LAUNCH[stage]),
+           "--deepspeed_config_file", ds_path, "--main_process_port", str(free_port()),
+           os.path.join(ROOT, "benchmarks", "zero_memory.py"), "--worker", "--stage", str(stage),
+           "--shape", a.shape, "--steps", str(a.steps), "--budget", str(a.budget), "--seed", str(a.seed),
+           "--lr", str(a.lr), "--data", data, "--out-dir", a.out_dir, "--report", report]
+    log(f"ZeRO-{stage}: accelerate launch, 2 CPU processes ({LAUNCH[stage]}, {ds_path})")
+    t0 = time.time()
+    # the ranks' stdout goes to our stderr: our last stdout line stays the JSON result
+    r = subprocess.run(cmd, cwd=ROOT, env=child_env(a.default_malloc), stdout=sys.stderr, timeout=a.timeout)
+    if r.returncode != 0:
+        raise RuntimeError(f"ZeRO-{stage} launch failed with exit code {r.returncode}")
+    with open(report) as f:
+        reports = json.load(f)
+    for rep in reports:
+        rep["launch_wall_s"] = round(time.time() - t0, 1)
+    return reports
+
+
+def adapter_diff(a_dir: str, b_dir: str) -> dict:
+    from safetensors.torch import load_file
+
+    out = {"tensors": 0, "max_abs_diff": 0.0, "rel_l2_diff": 0.0, "empty_tensors": 0}
+    num = den = 0.0
+    for name in ("adapter_model.safetensors", "projector.safetensors"):
+        x, y = load_file(os.path.join(a_dir, name)), load_file(os.path.join(b_dir, name))
+        if set(x) != set(y):
+            raise AssertionError(f"{name}: different tensors in the two exports")
+        for k in x:
+            out["tensors"] += 1
+            out["empty_tensors"] += int(x[k].numel() == 0 or y[k].numel() == 0)
+            if x[k].shape != y[k].shape:
+                raise AssertionError(f"{name}:{k}: shapes {tuple(x[k].shape)} vs {tuple(y[k].shape)}")
+            d = (x[k].float() - y[k].float())
+            out["max_abs_diff"] = max(out["max_abs_diff"], d.abs().max().item() if d.numel() else 0.0)
+            num += float(d.pow(2).sum())
+            den += float(x[k].float().pow(2).sum())
+    out["rel_l2_diff"] = (num / den) ** 0.5 if den else 0.0
+    return out
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="an 80M-parameter smoke-test shape, 2 steps, ZeRO-3 thresholds 0")
+    p.add_argument("--steps", type=int, default=None, help="training steps per run (default 3; --quick: 2)")
+    p.add_argument("--budget", type=int, default=256, help="packing budget: tokens per row (one row per rank and step)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--out-dir", default=None)
+    p.add_argument("--data-root", default=os.path.join(ROOT, "runs", "bench", "instructions"))
+    p.add_argument("--timeout", type=int, default=3600, help="seconds per launch")
+    p.add_argument("--default-malloc", action="store_true", help="leave glibc's dynamic mmap threshold on")
+    p.add_argument("--only", type=int, choices=(2, 3), default=None, help="run one stage only (debugging; no JSON)")
+    p.add_argument("--ds-override", action="append", default=[], metavar="STAGE:KEY=VALUE",
+                   help="extra zero_optimization setting for one stage, e.g. 3:stage3_max_reuse_distance=0")
+    # worker side (set by the driver)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--stage", type=int, default=3, help=argparse.SUPPRESS)
+    p.add_argument("--shape", default="full", help=argparse.SUPPRESS)
+    p.add_argument("--data", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--report", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.worker:
+        worker(a)
+        return {}
+
+    t_start = time.time()
+    a.shape = "quick" if a.quick else "full"
+    a.steps = a.steps or (2 if a.quick else 3)
+    a.out_dir = os.path.abspath(a.out_dir or os.path.join(ROOT, "runs", "bench", f"zero_memory_{a.shape}"))
+    os.makedirs(a.out_dir, exist_ok=True)
+    overrides = {2: {}, 3: {}}
+    for s, o in OVERRIDES.items():
+        overrides[s].update(o)
+    if a.quick:
+        for s, o in QUICK_OVERRIDES.items():
+            overrides[s].update(o)
+    for item in a.ds_override:
+        s, kv = item.split(":", 1)
+        k, v = kv.split("=", 1)
+        overrides[int(s)][k] = json.loads(v)
+    log("preparing the shipped forward-prediction samples (convert + preprocess, reused when present)")
+    from trainer.tasks import prepare_shipped
+
+    data = prepare_shipped(a.data_root, tasks=("forward",))["forward"]
+    if a.only:
+        reports = launch(a.only, a, data, overrides[a.only])
+        log(json.dumps([{k: r[k] for k in ("peak_param_bytes", "step_peak_param_bytes", "resident_param_bytes",
+                                           "peak_rss_mb", "losses", "step_s")} for r in reports]))
+        return {}
+    runs = {s: launch(s, a, data, overrides[s]) for s in (2, 3)}
+
+    def worst(s, key):
+        return max(r[key] for r in runs[s])
+
+    r2, r3 = runs[2][0], runs[3][0]
+    l2, l3 = r2["losses"], r3["losses"]
+    if len(l2) != a.steps or len(l3) != a.steps:
+        raise RuntimeError(f"expected {a.steps} steps, got {len(l2)} (ZeRO-2) and {len(l3)} (ZeRO-3)")
+    ratio = worst(3, "peak_param_bytes") / worst(2, "peak_param_bytes")
+    bound = 1 / r3["num_processes"] + r3["largest_param"] / r3["params"]
+    diff = adapter_diff(r2["export"], r3["export"])
+    result = {
+        "shape": a.shape, "hidden": SHAPES[a.shape]["hidden_size"], "layers": SHAPES[a.shape]["num_hidden_layers"],
+        "vocab": SHAPES[a.shape]["vocab_size"], "params": r2["params"], "llm_base_params": r2["llm_base_params"],
+        "trainable_params": r2["trainable_params"], "largest_param": r2["largest_param"],
+        "zero2_peak_param_bytes_per_rank": worst(2, "peak_param_bytes"),
+        "zero3_peak_param_bytes_per_rank": worst(3, "peak_param_bytes"),
+        "zero3_step_peak_param_bytes_per_rank": [max(x) for x in zip(*(r["step_peak_param_bytes"] for r in runs[3]))],
+        "zero3_over_zero2_param_bytes": round(ratio, 4), "target": TARGET, "meets_target": ratio <= TARGET,
+        "lower_bound_zero3_over_zero2": round(bound, 4),
+        "zero2_resident_param_bytes_per_rank": worst(2, "resident_param_bytes"),
+        "zero3_resident_param_bytes_per_rank": worst(3, "resident_param_bytes"),
+        "zero3_over_zero2_resident_param_bytes": round(worst(3, "resident_param_bytes")
+                                                       / worst(2, "resident_param_bytes"), 4),
+        "zero2_peak_rss_mb_per_rank": worst(2, "peak_rss_mb"), "zero3_peak_rss_mb_per_rank": worst(3, "peak_rss_mb"),
+        "zero2_rss_after_llm_build_mb_per_rank": worst(2, "rss_after_llm_build_mb"),
+        "zero3_rss_after_llm_build_mb_per_rank": worst(3, "rss_after_llm_build_mb"),
+        "zero3_llm_local_share_at_construction": r3["llm_local_share_at_construction"],
+        "zero2_losses": l2, "zero3_losses": l3,
+        "max_abs_loss_diff": max(abs(x - y) for x, y in zip(l2, l3)),
+        "adapter_export": diff,
+        "same_samples": [r["samples"] for r in runs[2]] == [r["samples"] for r in runs[3]],
+        "runs": {f"zero{s}": {k: runs[s][0][k] for k in (
+            "num_processes", "distributed_type", "engine", "zero_stage", "zero_init_at_construction",
+            "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping", "dataloader",
+            "batch_sampler", "threads", "launch_wall_s")} | {"ranks": len(runs[s]),
+                                                              "step_s": [r["step_s"] for r in runs[s]]}
+                 for s in (2, 3)},
+        "ds_overrides": {f"zero{s}": o for s, o in overrides.items()},
+        "malloc_env": {} if a.default_malloc else MALLOC_ENV,
+        "steps": a.steps, "budget": a.budget, "wall_s": round(time.time() - t_start, 1),
+    }
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
