@@ -40,6 +40,9 @@ demo: setup
 bench: setup
 	$(PY) -m benchmarks.preprocess
 	$(PY) -m benchmarks.encoder
+	$(PY) -m benchmarks.collator
+	$(PY) -m benchmarks.train_step
+	$(PY) -m benchmarks.zero_memory
 
 clean:
 	rm -rf runs .cache .pytest_cache
