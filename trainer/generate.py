@@ -1,12 +1,19 @@
-"""Greedy generation with graph tokens: prompts embedded once (one encoder call per batch), then decoded.
+"""Generation with graph tokens: `python -m trainer.generate --model EXPORT --data FOLDER --out preds.jsonl`.
 
-    tok, model, meta = trainer.export.load_export("runs/demo/train/lora/export")
-    texts = generate(model, tok, [dataset[i] for i in range(8)], max_new_tokens=128)
-
-Prompts are left-padded so every row's last prompt token sits at the same position; generation runs on
-plain SDPA (the packed-training `sdpa_varlen` kernel needs sample boundaries, which a cache does not).
+Prompts are embedded once per batch (one encoder call), left-padded so every row's last prompt token
+sits at the same position, then decoded greedily or with beam search on plain SDPA (the packed-training
+`sdpa_varlen` kernel needs sample boundaries, which a KV cache does not have). Molecule answers
+(SELFIES) are also decoded to SMILES. Several processes (`accelerate launch`) each take a contiguous
+slice of the rows; the slices are gathered back in input order. Output: JSONL with `target` and
+`prediction` (what `python -m trainer.evaluate` reads) and, with --tsv, the MolT5 layout.
 """
 from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
 
 import torch
 
@@ -22,15 +29,91 @@ def generate(model, tok, items: list[dict], max_new_tokens: int = 128, num_beams
     model.eval()
     prompts = [torch.as_tensor(it["input_ids"][: it["num_prompt"]]) for it in items]
     width = max(len(p) for p in prompts)
+    device = model.lm_head.weight.device
     ids = torch.full((len(items), width), tok.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(items), width), dtype=torch.long)
     for i, p in enumerate(prompts):
         ids[i, width - len(p):] = p
         mask[i, width - len(p):] = 1
     graphs = [g for it in items for g in it["graphs"]]
-    batch = Batch.from_data_list(graphs) if graphs else None
-    embeds = model.embed(ids, batch, len(graphs))
-    out = model.llm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
+    batch = Batch.from_data_list(graphs).to(device) if graphs else None
+    embeds = model.embed(ids.to(device), batch, len(graphs))
+    out = model.llm.generate(inputs_embeds=embeds, attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                              do_sample=False, num_beams=num_beams, pad_token_id=tok.pad_token_id,
                              eos_token_id=tok.eos_token_id, use_cache=True)  # training loads set use_cache=False
     return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
+
+
+def to_smiles(answer: str) -> str | None:
+    """Canonical SMILES of a SELFIES answer, or None (prose, or an invalid / cut-off molecule)."""
+    from graph.chem import Chem, Reject, selfies_to_smiles
+
+    text = answer.strip()
+    if not (text.startswith("[") and " " not in text):
+        return None
+    try:
+        mol = Chem.MolFromSmiles(selfies_to_smiles(text))
+    except Reject:
+        return None
+    return Chem.MolToSmiles(mol) if mol is not None else None
+
+
+def predict(model, tok, dataset, rows: list[int], batch_size: int, **kw) -> list[dict]:
+    from tqdm import tqdm
+
+    out = []
+    for s in tqdm(range(0, len(rows), batch_size), desc="generate", file=sys.stderr, disable=len(rows) <= batch_size):
+        items = [dataset[k] for k in rows[s:s + batch_size]]
+        for it, answer in zip(items, generate(model, tok, items, **kw)):
+            rec = dataset.record(it["index"])
+            out.append({"row": it["row"], "instruction": rec["instruction"], "input": rec["input"],
+                        "target": rec["output"], "prediction": answer, "prediction_smiles": to_smiles(answer),
+                        "target_smiles": rec.get("output_smiles")})
+    return out
+
+
+def main(argv=None) -> int:
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    from graph.atomic import atomic_writer
+
+    from .export import load_export
+    from .instructions import InstructionDataset, PromptConfig
+
+    p = argparse.ArgumentParser(prog="python -m trainer.generate", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="export folder (RUN_DIR/STAGE/export)")
+    p.add_argument("--data", required=True, help="preprocessed instruction folder")
+    p.add_argument("--out", required=True, help="predictions JSONL")
+    p.add_argument("--tsv", help="also write the MolT5 TSV layout (ground truth, output)")
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    a = p.parse_args(argv)
+    for path, what in ((a.model, "export folder"), (a.data, "data folder")):
+        if not os.path.isdir(path):
+            print(f"error: {what} not found: {path}", file=sys.stderr)
+            return 2
+    state = PartialState()
+    tok, model, meta = load_export(a.model)
+    model.to(state.device)
+    ds = InstructionDataset(a.data, tok, prompt=PromptConfig(**meta["prompt"]))
+    rows = list(range(len(ds) if a.limit is None else min(a.limit, len(ds))))
+    with state.split_between_processes(rows) as mine:  # contiguous slices, in rank order
+        preds = predict(model, tok, ds, list(mine), a.batch_size, max_new_tokens=a.max_new_tokens, num_beams=a.num_beams)
+    preds = gather_object(preds) if state.num_processes > 1 else preds
+    if state.is_main_process:
+        with atomic_writer(a.out) as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in preds)
+        if a.tsv:
+            with atomic_writer(a.tsv) as f:
+                w = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_NONE, escapechar="\\")
+                w.writerow(["input", "ground truth", "output"])
+                w.writerows([[r["input"], r["target"], r["prediction"]] for r in preds])
+        print(json.dumps({"predictions": len(preds), "skipped_longer_than_max_length": len(ds.rejects), "out": a.out}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
