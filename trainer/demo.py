@@ -69,6 +69,12 @@ def main(out: str = os.path.join(ROOT, "runs", "demo")) -> dict:
     summary["export"] = llm["stages"]["lora"]["export"]
     summary["generations"] = _generate(summary["export"], tasks["forward_test"], n=4)
     summary["stages"].append("generate")
+    from .metrics import molecule_metrics
+
+    g = summary["generations"]  # every row counts: cut-off or invalid answers are wrong, not dropped
+    summary["metrics"] = {k: round(v, 4) for k, v in molecule_metrics([x["target"] for x in g],
+                                                                      [x["prediction"] for x in g], "selfies").items()}
+    print(f"[evaluate] forward prediction on {len(g)} held-out reactions: {summary['metrics']}", file=sys.stderr)
     summary["elapsed_s"] = round(time.time() - t0, 1)
     return summary
 
@@ -86,10 +92,8 @@ def _launch(accel: str, recipe: str, run_dir: str, overrides: list[str]) -> dict
 
 def _generate(export: str, folder: str, n: int) -> list[dict]:
     """Greedy answers of the exported model for the first n held-out samples, printed as they come."""
-    from graph.chem import Reject, selfies_to_smiles
-
     from .export import load_export
-    from .generate import generate
+    from .generate import generate, to_smiles
     from .instructions import InstructionDataset, PromptConfig
 
     tok, model, meta = load_export(export)
@@ -98,11 +102,8 @@ def _generate(export: str, folder: str, n: int) -> list[dict]:
     out = []
     for it, answer in zip(items, generate(model, tok, items, max_new_tokens=96)):
         rec = ds.record(it["index"])
-        try:
-            smiles = selfies_to_smiles(answer)
-        except Reject:
-            smiles = None
-        out.append({"input": rec["input"], "target": rec["output"], "prediction": answer, "prediction_smiles": smiles})
+        out.append({"input": rec["input"], "target": rec["output"], "prediction": answer,
+                    "prediction_smiles": to_smiles(answer)})
         print(f"[generate] target {rec['output']}\n           output {answer}", file=sys.stderr)
     return out
 

@@ -46,16 +46,15 @@ def generate(model, tok, items: list[dict], max_new_tokens: int = 128, num_beams
 
 def to_smiles(answer: str) -> str | None:
     """Canonical SMILES of a SELFIES answer, or None (prose, or an invalid / cut-off molecule)."""
-    from graph.chem import Chem, Reject, selfies_to_smiles
+    from rdkit import Chem
 
-    text = answer.strip()
-    if not (text.startswith("[") and " " not in text):
+    from .metrics import looks_like_selfies, to_smiles as decode
+
+    if not looks_like_selfies(answer.strip()):
         return None
-    try:
-        mol = Chem.MolFromSmiles(selfies_to_smiles(text))
-    except Reject:
-        return None
-    return Chem.MolToSmiles(mol) if mol is not None else None
+    text = decode(answer, "selfies")
+    mol = Chem.MolFromSmiles(text) if text else None
+    return Chem.MolToSmiles(mol) if mol is not None and mol.GetNumAtoms() else None
 
 
 def predict(model, tok, dataset, rows: list[int], batch_size: int, **kw) -> list[dict]:
