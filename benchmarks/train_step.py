@@ -28,7 +28,7 @@ import torch
 
 from graph.encoder import EncoderConfig, HierarchicalEncoder
 from trainer.collator import Collator, plan_batches
-from trainer.instructions import InstructionDataset, PromptConfig
+from trainer.instructions import InstructionDataset, PromptConfig, TaskMix
 from trainer.llm import GRAPH_TOKEN, SMOLLM2, load_tokenizer
 from trainer.model import MultimodalLM
 from trainer.projector import GraphProjector, ProjectorConfig
@@ -110,11 +110,9 @@ def main(argv=None) -> dict:
     log("preparing the shipped samples (convert + preprocess, reused when present)")
     folders = prepare_shipped(a.data)
     tok = load_tokenizer(SMOLLM2)
-    sets = [InstructionDataset(f, tok, prompt=PromptConfig(max_length=a.budget)) for f in folders.values()]
-    ds = torch.utils.data.ConcatDataset(sets)
-    lengths = np.concatenate([s.lengths for s in sets])
-    # ConcatDataset items keep their set-local "index"; make it global so spans point into `ds`
-    items = [dict(ds[i], index=i) for i in range(len(ds))]
+    ds = TaskMix([InstructionDataset(f, tok, prompt=PromptConfig(max_length=a.budget)) for f in folders.values()])
+    lengths = ds.lengths
+    items = [ds[i] for i in range(len(ds))]  # built once; every mode collates the same items
     rng = np.random.default_rng(0)
     subset = np.sort(rng.choice(len(items), size=min(a.samples, len(items)), replace=False))
     sub_len = lengths[subset]

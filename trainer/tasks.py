@@ -5,6 +5,7 @@ Reruns reuse finished work: the JSONL is rewritten only when missing, and prepro
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,7 +21,7 @@ SHIPPED = {
 def prepare(task: str, source: str, out_root: str, name: str | None = None, limit: int | None = None,
             progress: bool = False) -> str:
     """Convert `source` for `task` and preprocess it into OUT_ROOT/NAME (default: the task name)."""
-    from graph.preprocess import connect_ray, run
+    from graph.preprocess import run
 
     from .converters import run as convert
 
@@ -29,25 +30,26 @@ def prepare(task: str, source: str, out_root: str, name: str | None = None, limi
     jsonl, folder = os.path.join(out_root, f"{name}.jsonl"), os.path.join(out_root, name)
     if not os.path.exists(jsonl):
         convert(task, source, jsonl, limit=limit, progress=progress)
-    owner = connect_ray()
-    try:
+    with _ray():
         run(jsonl, folder, fmt="instructions", progress=progress)
-    finally:
-        if owner:
-            import ray
-
-            ray.shutdown()
     return folder
 
 
 def prepare_shipped(out_root: str, tasks=("molcap", "forward", "retrosynthesis"), split: str = "train") -> dict:
     """{task: preprocessed folder} for the shipped samples of each task (one Ray cluster for all)."""
+    k = 0 if split == "train" else 1
+    with _ray():
+        return {t: prepare(t, os.path.join(ROOT, SHIPPED[t][k]), out_root, f"{t}_{split}") for t in tasks}
+
+
+@contextlib.contextmanager
+def _ray():
+    """A Ray connection for the block: the caller's if it has one, else a local cluster shut down after."""
     from graph.preprocess import connect_ray
 
-    k = 0 if split == "train" else 1
     owner = connect_ray()
     try:
-        return {t: prepare(t, os.path.join(ROOT, SHIPPED[t][k]), out_root, f"{t}_{split}") for t in tasks}
+        yield
     finally:
         if owner:
             import ray
