@@ -78,3 +78,19 @@ def test_cli_writes_ordered_predictions_that_evaluate_reads(setup, tmp_path):
     assert 0 <= metrics["validity"] <= 1 and metrics["exact_match"] == 0.0  # an untrained model
     bad = cli("trainer.generate", "--model", str(tmp_path / "nope"), "--data", folder, "--out", str(out))
     assert bad.returncode == 2 and "not found" in bad.stderr
+
+
+def test_dataset_for_follows_the_exported_projector(setup):
+    """An export trained with reduced graph tokens gets prompts with that many placeholders."""
+    from trainer.export import dataset_for
+    from trainer.projector import graph_token_count
+
+    tok, _, ds, _, folder = setup
+    meta = {"prompt": {}, "projector": {"reduction": "hierarchical", "levels": ["node", "graph"]}}
+    reduced = dataset_for(meta, folder, tok)
+    gid = tok.convert_tokens_to_ids(GRAPH_TOKEN)
+    for k in range(3):
+        full, red = ds[k], reduced[k]
+        assert int((np.asarray(red["input_ids"]) == gid).sum()) == sum(graph_token_count(
+            int(g.num_atoms), int(g.num_motifs), "hierarchical", ["node", "graph"]) for g in red["graphs"]) == 2 * len(red["graphs"])
+        assert int((np.asarray(full["input_ids"]) == gid).sum()) > int((np.asarray(red["input_ids"]) == gid).sum())

@@ -97,7 +97,7 @@ def _generate(export: str, folder: str, n: int) -> list[dict]:
     from .instructions import InstructionDataset, PromptConfig
 
     tok, model, meta = load_export(export)
-    ds = InstructionDataset(folder, tok, prompt=PromptConfig(**meta["prompt"]))
+    ds = dataset_for(meta, folder, tok)
     items = [ds[i] for i in range(min(n, len(ds)))]
     out = []
     for it, answer in zip(items, generate(model, tok, items, max_new_tokens=96)):

@@ -9,7 +9,9 @@
 
 Under ZeRO-3 every rank holds only slices of the weights, so the trained and encoder parameters are
 gathered on EVERY rank (a gather from rank 0 alone writes empty tensors) and the main process writes.
-The folder is written as EXPORT.tmp and renamed, so a crash never leaves a half export.
+The folder is written as EXPORT.tmp and renamed, so a crash never leaves a half export. Every training
+checkpoint holds one too (CHECKPOINT/export/), so a checkpoint is loaded from safetensors and PEFT files,
+never by unpickling optimizer shards; `resolve()` finds the export of a stage folder or a checkpoint.
 """
 from __future__ import annotations
 
@@ -90,11 +92,28 @@ def _whole_model_loading():
         hf_ds._hf_deepspeed_config_weak_ref = saved
 
 
+def resolve(path: str) -> str:
+    """The export folder behind `path`: an export, a checkpoint (CKPT/export), or a stage folder
+    (RUN_DIR/STAGE: its final export, else its latest checkpoint's). Raises FileNotFoundError otherwise."""
+    from .loop import latest_checkpoint
+
+    candidates = [path, os.path.join(path, "export")]
+    latest = latest_checkpoint(os.path.join(path, "checkpoints"))
+    if latest:
+        candidates.append(os.path.join(latest, "export"))
+    for c in candidates:
+        if os.path.isfile(os.path.join(c, CONFIG_NAME)):
+            return c
+    raise FileNotFoundError(f"model not found: {path} is not an export folder ({CONFIG_NAME}), a checkpoint with export/, or a "
+                            "stage folder (RUN_DIR/STAGE) with export/ or checkpoints/step-N/export/")
+
+
 def load_export(folder: str, attn_implementation: str | None = None, dtype: torch.dtype = torch.float32):
-    """(tokenizer, MultimodalLM, meta) from an export folder; the LoRA adapter is loaded with PEFT.
-    The model is whole on the calling process (never ZeRO-3 partitioned)."""
+    """(tokenizer, MultimodalLM, meta) from an export folder (or a checkpoint / stage folder, see resolve);
+    the LoRA adapter is loaded with PEFT. The model is whole on the calling process (never ZeRO-3
+    partitioned)."""
     with _whole_model_loading():
-        return _load_export(folder, attn_implementation, dtype)
+        return _load_export(resolve(folder), attn_implementation, dtype)
 
 
 def _load_export(folder: str, attn_implementation: str | None, dtype: torch.dtype):
@@ -120,3 +139,13 @@ def _load_export(folder: str, attn_implementation: str | None, dtype: torch.dtyp
                          GraphProjector.from_pretrained(os.path.join(folder, "projector")) if graph_side else None,
                          tok.convert_tokens_to_ids(GRAPH_TOKEN))
     return tok, model.eval(), meta
+
+
+def dataset_for(meta: dict, folder: str, tok):
+    """The instruction dataset of `folder` as the exported model reads it: its prompt, and as many graph
+    placeholders as its projector's reduction and levels produce."""
+    from .instructions import InstructionDataset, PromptConfig
+
+    proj = meta.get("projector") or {}
+    kw = {k: proj[k] for k in ("reduction", "levels") if k in proj}
+    return InstructionDataset(folder, tok, prompt=PromptConfig(**meta["prompt"]), **kw)

@@ -1,5 +1,8 @@
 """Generation with graph tokens: `python -m trainer.generate --model EXPORT --data FOLDER --out preds.jsonl`.
 
+EXPORT is an export folder, a training checkpoint (RUN_DIR/STAGE/checkpoints/step-N, which holds one) or a
+stage folder (RUN_DIR/STAGE: its final export, else its latest checkpoint).
+
 Prompts are embedded once per batch (one encoder call), left-padded so every row's last prompt token
 sits at the same position, then decoded greedily or with beam search on plain SDPA (the packed-training
 `sdpa_varlen` kernel needs sample boundaries, which a KV cache does not have). Molecule answers
@@ -77,11 +80,11 @@ def main(argv=None) -> int:
 
     from graph.atomic import atomic_writer
 
-    from .export import load_export
-    from .instructions import InstructionDataset, PromptConfig
+    from .export import dataset_for, load_export
 
     p = argparse.ArgumentParser(prog="python -m trainer.generate", description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="export folder (RUN_DIR/STAGE/export)")
+    p.add_argument("--model", required=True, help="export folder (RUN_DIR/STAGE/export), checkpoint "
+                                                  "(RUN_DIR/STAGE/checkpoints/step-N) or stage folder")
     p.add_argument("--data", required=True, help="preprocessed instruction folder")
     p.add_argument("--out", required=True, help="predictions JSONL")
     p.add_argument("--tsv", help="also write the MolT5 TSV layout (ground truth, output)")
@@ -90,14 +93,20 @@ def main(argv=None) -> int:
     p.add_argument("--num-beams", type=int, default=1)
     p.add_argument("--max-new-tokens", type=int, default=128)
     a = p.parse_args(argv)
-    for path, what in ((a.model, "export folder"), (a.data, "data folder")):
-        if not os.path.isdir(path):
-            print(f"error: {what} not found: {path}", file=sys.stderr)
-            return 2
+    from .export import resolve
+
+    if not os.path.isdir(a.data):
+        print(f"error: data folder not found: {a.data}", file=sys.stderr)
+        return 2
+    try:
+        model_dir = resolve(a.model)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     state = PartialState()
-    tok, model, meta = load_export(a.model)
+    tok, model, meta = load_export(model_dir)
     model.to(state.device)
-    ds = InstructionDataset(a.data, tok, prompt=PromptConfig(**meta["prompt"]))
+    ds = dataset_for(meta, a.data, tok)
     rows = list(range(len(ds) if a.limit is None else min(a.limit, len(ds))))
     with state.split_between_processes(rows) as mine:  # contiguous slices, in rank order
         preds = predict(model, tok, ds, list(mine), a.batch_size, max_new_tokens=a.max_new_tokens, num_beams=a.num_beams)
@@ -110,7 +119,8 @@ def main(argv=None) -> int:
                 w = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_NONE, escapechar="\\")
                 w.writerow(["input", "ground truth", "output"])
                 w.writerows([[r["input"], r["target"], r["prediction"]] for r in preds])
-        print(json.dumps({"predictions": len(preds), "skipped_longer_than_max_length": len(ds.rejects), "out": a.out}))
+        print(json.dumps({"predictions": len(preds), "skipped_longer_than_max_length": len(ds.rejects), "out": a.out,
+                          "model": model_dir}))
     return 0
 
 

@@ -43,13 +43,17 @@ def latest_checkpoint(ckpt_dir: str) -> str | None:
     return os.path.join(ckpt_dir, max(done, key=lambda d: int(d[5:]))) if done else None
 
 
-def save_checkpoint(accelerator, ckpt_dir: str, state: dict, keep: int) -> str:
+def save_checkpoint(accelerator, ckpt_dir: str, state: dict, keep: int,
+                    snapshot: Callable[[str], None] | None = None) -> str:
+    """`snapshot(tmp_folder)` (every rank) adds files inside the checkpoint before it is renamed whole."""
     final = os.path.join(ckpt_dir, f"step-{state['step']}")
     tmp = final + ".tmp"
     if accelerator.is_main_process and os.path.exists(tmp):
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp)  # every rank writes its part (DeepSpeed shards)
+    if snapshot:
+        snapshot(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with open(os.path.join(tmp, STATE_FILE), "w") as f:
@@ -78,7 +82,8 @@ def prepare_training(accelerator, model, optimizer, scheduler, loader=None, grad
 def train(accelerator, model, optimizer, scheduler, loader, step_fn, cfg: TrainConfig, ckpt_dir: str,
           seed: int = 0, evaluate: Callable[[], dict] | None = None, name: str = "train",
           count_fn: Callable | None = None, on_epoch: Callable[[int], None] | None = None,
-          flops_per_token: float = 0.0, peak_flops: float = 0.0) -> dict:
+          flops_per_token: float = 0.0, peak_flops: float = 0.0,
+          snapshot: Callable[[str], None] | None = None) -> dict:
     """Run optimizer steps until cfg.max_steps; returns the last logged and evaluated metrics.
 
     Micro-batches are taken in windows of `cfg.grad_accum` (one optimizer step each; a last partial
@@ -91,7 +96,8 @@ def train(accelerator, model, optimizer, scheduler, loader, step_fn, cfg: TrainC
     and ranks (DDP and DeepSpeed average over ranks, accumulation divides by grad_accum). step_fn then
     returns metrics "loss_sum" (summed token loss) and the logged loss is the global per-token mean.
     `on_epoch(epoch)` reshuffles a sampler that lives outside Accelerate. With `flops_per_token`, the
-    log has achieved TFLOP/s per process and, given `peak_flops` per process, MFU.
+    log has achieved TFLOP/s per process and, given `peak_flops` per process, MFU. `snapshot(folder)`
+    writes a loadable copy of the model into every checkpoint (see save_checkpoint).
     """
     state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "micro": 0}
     resume = latest_checkpoint(ckpt_dir)
@@ -176,7 +182,7 @@ def train(accelerator, model, optimizer, scheduler, loader, step_fn, cfg: TrainC
                 accelerator.log({f"{name}/eval/{k}": v for k, v in evaluate().items()}, step=state["step"])
                 model.train()
             if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
-                save_checkpoint(accelerator, ckpt_dir, state, cfg.keep_checkpoints)
+                save_checkpoint(accelerator, ckpt_dir, state, cfg.keep_checkpoints, snapshot)
                 if os.environ.get("M3MOL_CRASH_AFTER_STEP") == str(state["step"]):
                     os._exit(17)  # test hook: die like a killed job, right after a checkpoint
             if state["step"] >= cfg.max_steps:
@@ -185,7 +191,7 @@ def train(accelerator, model, optimizer, scheduler, loader, step_fn, cfg: TrainC
             state["epoch"] += 1
             state["batches_in_epoch"] = 0
     bar.close()
-    save_checkpoint(accelerator, ckpt_dir, state, cfg.keep_checkpoints)
+    save_checkpoint(accelerator, ckpt_dir, state, cfg.keep_checkpoints, snapshot)
     out = {k.split("/", 1)[1]: v for k, v in last.items()}
     if evaluate:
         ev = evaluate()

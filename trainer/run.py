@@ -31,10 +31,15 @@ class RunConfig:
 
 
 def load_run_config(path: str, overrides: list[str] = ()) -> RunConfig:
-    data = apply_overrides(load_yaml(path), list(overrides))
+    return run_config(apply_overrides(load_yaml(path), list(overrides)), path)
+
+
+def run_config(data: dict, source: str = "recipe") -> RunConfig:
+    """A validated RunConfig from a recipe mapping (keys, choices and paths checked; nothing runs)."""
+    data = dict(data)
     stages = data.get("stages")
     if not stages or not isinstance(stages, list):
-        raise ConfigError(f"{path}: 'stages' must list the stages to run, from: {', '.join(STAGES)}")
+        raise ConfigError(f"{source}: 'stages' must list the stages to run, from: {', '.join(STAGES)}")
     for s in stages:
         if s not in STAGES:
             raise ConfigError(f"unknown stage {s!r}; known stages: {', '.join(STAGES)}")

@@ -14,7 +14,7 @@ SHIPPED = {
     "molcap": ("data/chebi20/train.txt", "data/chebi20/test.txt"),
     "forward": ("data/uspto50k/train.csv", "data/uspto50k/test.csv"),
     "retrosynthesis": ("data/uspto50k/train.csv", "data/uspto50k/test.csv"),
-    "reagent": ("data/reagent_sample/reactions.csv", None),
+    "reagent": ("data/reagent_sample/reactions.csv", "data/reagent_sample/held_out.csv"),
 }
 
 

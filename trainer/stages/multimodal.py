@@ -228,16 +228,20 @@ def run(cfg: Config, accelerator, run_dir: str, seed: int, stage: str) -> dict:
         return out.loss_sum / denominator, {"loss_sum": out.loss_sum.item(), "samples": len(batch["spans"]),
                                             "tokens": batch["real_tokens"]}
 
+    meta = {"llm": cfg.llm.name, "attn_implementation": cfg.llm.attn_implementation, "stage": stage,
+            "prompt": dataclasses.asdict(cfg.prompt), "projector": dataclasses.asdict(cfg.projector),
+            "lora": dataclasses.asdict(cfg.lora) if cfg.lora else None, "data": cfg.data, "seed": seed}
+
+    def snapshot(folder):  # every checkpoint carries an export: generation from a checkpoint, no unpickling
+        save_export(unwrapped, tok, os.path.join(folder, "export"), meta, accelerator)
+
     metrics = train(accelerator, engine, opt, sched, loader, step, cfg.train, os.path.join(out_dir, "checkpoints"),
                     seed=seed, name=stage, count_fn=lambda bt: bt["label_tokens"], on_epoch=plan.set_epoch,
-                    flops_per_token=fpt, peak_flops=cfg.peak_tflops * 1e12)
+                    flops_per_token=fpt, peak_flops=cfg.peak_tflops * 1e12, snapshot=snapshot)
     frozen_same = fingerprint(unwrapped, trainable=False) == frozen_before
     trained_after = fingerprint(unwrapped, trainable=True)
     moved = sum(trained_after[k] != v for k, v in trained_before.items())
     flags = accelerator.gather(torch.tensor([float(frozen_same)], device=accelerator.device)).min()
-    meta = {"llm": cfg.llm.name, "attn_implementation": cfg.llm.attn_implementation, "stage": stage,
-            "prompt": dataclasses.asdict(cfg.prompt), "projector": dataclasses.asdict(cfg.projector),
-            "lora": dataclasses.asdict(cfg.lora) if cfg.lora else None, "data": cfg.data, "seed": seed}
     export = save_export(unwrapped, tok, os.path.join(out_dir, "export"), meta, accelerator)
     checks = {"ranks_identical": ranks_identical(unwrapped, accelerator)}
     if cfg.verify_export:

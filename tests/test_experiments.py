@@ -1,0 +1,91 @@
+"""`python -m trainer.experiments`: a 2-cell grid on a tiny random LLaMA writes the table and the chart
+from one shared stage-1 run, and a rerun skips the finished cells."""
+import csv
+import json
+import os
+
+import pytest
+import yaml
+
+from conftest import DATA, cli
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, ray_local):
+    from trainer.tasks import prepare
+
+    out = str(tmp_path_factory.mktemp("exp_data"))
+    return {"train": prepare("forward", os.path.join(DATA, "uspto50k", "train.csv"), out, "forward_train", limit=40),
+            "test": prepare("forward", os.path.join(DATA, "uspto50k", "test.csv"), out, "forward_test", limit=3)}
+
+
+def _recipe(tmp, folders):
+    section = {"llm": {"name": "tiny-random"}, "encoder": {"num_layers": 2, "hidden": 32},
+               "batching": {"budget": 1024}, "prompt": {"max_length": 1024}, "verify_export": False}
+    r = {"out_dir": str(tmp / "exp"), "seed": 0, "tasks": ["forward"], "data": {"forward": folders},
+         "grid": {"reductions": ["hierarchical"], "levels": [["node", "motif", "graph"]], "controls": ["selfies_only"]},
+         "eval": {"limit": 3, "max_new_tokens": 6, "batch_size": 3},
+         "align": {**section, "data": [folders["train"]], "train": {"max_steps": 2, "log_every": 1, "lr": 3e-3}},
+         "lora": {**section, "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+                  "train": {"max_steps": 2, "log_every": 1, "lr": 3e-3}}}
+    path = tmp / "experiments.yaml"
+    path.write_text(yaml.safe_dump(r))
+    return str(path)
+
+
+@pytest.mark.slow
+def test_two_cell_grid_table_chart_and_rerun_skips(tmp_path, folders):
+    recipe = _recipe(tmp_path, folders)
+    r = cli("trainer.experiments", "--config", recipe, timeout=900)
+    assert r.returncode == 0, r.stderr[-5000:]
+    s = json.loads(r.stdout.strip().splitlines()[-1])
+    assert (s["cells"], s["ran"], s["skipped"], s["failed"]) == (2, 2, 0, [])
+    out = tmp_path / "exp"
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [(x["cell"], x["use_graph"], x["use_selfies"]) for x in rows] == [
+        ("hierarchical/node+motif+graph", "True", "True"), ("selfies_only", "False", "True")]
+    for x in rows:
+        assert x["status"] == "done" and x["n_eval"] == "3" and x["steps"] == "2"
+        assert 0.0 <= float(x["validity"]) <= 1.0 and float(x["exact_match"]) == 0.0  # an untrained model
+    # both cells started from the one stage-1 projector and encoder; they differ in the graph side only
+    recipes = [yaml.safe_load(open(out / "cells" / "forward" / d / "recipe.yaml"))["lora"]
+               for d in ("hierarchical__node-motif-graph", "selfies_only")]
+    assert recipes[0]["init_projector"] == recipes[1]["init_projector"] == str(out / "stage1" / "align" / "export" / "projector")
+    assert recipes[0]["prompt"]["use_graph"] and not recipes[1]["prompt"]["use_graph"]
+    assert recipes[0]["projector"]["reduction"] == "hierarchical"
+    preds = [json.loads(line) for line in open(out / "cells" / "forward" / "selfies_only" / "preds.jsonl")]
+    assert len(preds) == 3 and "<graph>" not in preds[0]["input"]
+    md = (out / "results.md").read_text()
+    assert "## forward" in md and "| hierarchical/node+motif+graph | done |" in md and "Scale:" in md
+    png = (out / "forward.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    stamps = {p: os.path.getmtime(p) for p in out.glob("cells/forward/*/result.json")}
+    # the rerun trains nothing: stage 1 is reused and both cells are skipped; the reports are rewritten
+    again = cli("trainer.experiments", "--config", recipe, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    s2 = json.loads(again.stdout.strip().splitlines()[-1])
+    assert (s2["ran"], s2["skipped"]) == (0, 2) and "stage 1 reused" in again.stderr
+    assert stamps == {p: os.path.getmtime(p) for p in out.glob("cells/forward/*/result.json")}
+    # a changed setting reruns only what it touches: a new evaluation budget re-scores both cells
+    third = cli("trainer.experiments", "--config", recipe, "grid.controls=[]", timeout=300)
+    s3 = json.loads(third.stdout.strip().splitlines()[-1])
+    assert third.returncode == 0 and (s3["cells"], s3["ran"], s3["skipped"]) == (1, 0, 1)
+
+
+def test_bad_experiment_recipes_fail_before_training(tmp_path, folders):
+    from trainer.config import ConfigError
+    from trainer.experiments import cells, load_recipe, run
+
+    recipe = _recipe(tmp_path, folders)
+    for override, named in [("grid.reductions=[mean]", "grid.reductions"), ("grid.levels=[[atom]]", "grid.levels"),
+                            ("grid.controls=[no_text]", "grid.controls"), ("tasks=[translation]", "tasks"),
+                            ("lora.data=[x]", "lora.data"), ("data.forward={train: x}", "data.forward"),
+                            ("eval.limt=3", "eval.limt")]:
+        with pytest.raises(ConfigError, match=named.replace(".", r"\.").replace("[", r"\[")):
+            load_recipe(recipe, [override])
+    with pytest.raises(ConfigError, match=r"lora\.batching\.mode"):  # a run recipe's own checks, before stage 1
+        run(load_recipe(recipe, ["lora.batching.mode=stacked"]))
+    assert not os.path.exists(tmp_path / "exp" / "stage1")
+    grid = cells(load_recipe(recipe, ["grid.controls=[selfies_only,graph_only]"]).grid)
+    assert [c["name"] for c in grid] == ["hierarchical/node+motif+graph", "selfies_only", "graph_only"]
+    assert grid[2]["use_graph"] and not grid[2]["use_selfies"] and grid[2]["levels"] == ["node", "motif", "graph"]

@@ -1,0 +1,410 @@
+"""The paper's study as one command: `python -m trainer.experiments --config RECIPE.yaml [key=value ...]`.
+
+Which graph level and which token reduction help which task, and how much the model leans on SELFIES:
+
+    cells  = reductions x levels (graph tokens and SELFIES in the prompt)
+           + selfies_only (no graph tokens: prompt.use_graph=false)
+           + graph_only   (graph tokens, no SELFIES: prompt.use_selfies=false; control_projector's layout)
+    for each task: every cell trains stage 2 (LoRA) from ONE stage-1 checkpoint, same seed and budget,
+    then generates answers for the task's held-out rows and scores them (trainer.metrics).
+
+OUT_DIR/
+  stage1/             the shared stage-1 run (projector alignment); its export seeds every cell
+  cells/TASK/CELL/    recipe.yaml, train.log, run/ (checkpoints, export), preds.jsonl, result.json
+  results.csv         one row per (task, cell): settings, status, training loss, every metric
+  results.md          the scale of the run, then one table per task
+  TASK.png            bar chart per task (the task's headline metrics, one bar per cell)
+
+A cell whose result.json matches its settings is not rerun; an interrupted one resumes from its last
+checkpoint (trainer.loop), a failed one is reported in the tables and retried on the next call. Every
+training run is `trainer/run.py` in a subprocess, under `accelerate launch --config_file LAUNCH` when the
+recipe names one (2 CPU processes, 8 GPUs, several nodes): the demo and the full-scale study are the same
+recipe with other sizes (launch_configs/recipes/experiments_demo.yaml, experiments_paper.yaml).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import dataclasses
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import yaml
+
+from .config import ConfigError, apply_overrides, from_dict, load_yaml
+from .projector import LEVELS, REDUCTIONS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONTROLS = ("selfies_only", "graph_only")
+# The columns each task's chart shows (results.csv and results.md hold every metric).
+HEADLINE = {"forward": ("exact_match", "validity", "morgan_fts", "maccs_fts"),
+            "reagent": ("exact_match", "validity", "morgan_fts", "maccs_fts"),
+            "retrosynthesis": ("exact_match", "validity", "morgan_fts", "maccs_fts"),
+            "molcap": ("bleu2", "bleu4", "rougeL", "meteor"),
+            "property": ("mae", "parsed")}
+
+
+@dataclass
+class Grid:
+    reductions: list[str] = field(default_factory=lambda: list(REDUCTIONS))
+    levels: list[list[str]] = field(default_factory=lambda: [["node"], ["motif"], ["graph"], list(LEVELS)])
+    controls: list[str] = field(default_factory=lambda: list(CONTROLS))
+    control_projector: dict = field(default_factory=lambda: {"reduction": "none", "levels": list(LEVELS)})
+
+
+@dataclass
+class EvalSettings:
+    limit: int | None = 32  # held-out rows per task (null: all of them)
+    max_new_tokens: int = 128
+    num_beams: int = 1
+    batch_size: int = 8
+    text_tokenizer: str | None = None  # molcap word pieces (default: offline bert-base-uncased)
+
+
+@dataclass
+class Recipe:
+    out_dir: str = "runs/experiments"
+    seed: int = 0
+    tasks: list[str] = field(default_factory=lambda: ["forward", "reagent", "molcap"])
+    # {task: {train: FOLDER, test: FOLDER}}; a task not listed is built from the shipped samples (data/)
+    data: dict = field(default_factory=dict)
+    launch: str | None = None  # accelerate config for every training run; null: one plain process
+    log_with: str = "none"
+    mixed_precision: str = "no"  # bf16 on GPUs
+    grid: Grid = field(default_factory=Grid)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    align: dict = field(default_factory=dict)  # stage 1 section (trainer/stages/align.py); data defaults below
+    lora: dict = field(default_factory=dict)  # stage 2 section; data, projector and prompt are set per cell
+
+
+def load_recipe(path: str, overrides: list[str] = ()) -> Recipe:
+    r = from_dict(Recipe, apply_overrides(load_yaml(path), list(overrides)))
+    from .evaluate import TASKS
+
+    for t in r.tasks:
+        if t not in TASKS:
+            raise ConfigError(f"tasks: unknown task {t!r}; choose from {list(TASKS)}")
+    for t, d in r.data.items():
+        if not isinstance(d, dict) or set(d) != {"train", "test"}:
+            raise ConfigError(f"data.{t}: give both folders, {{train: FOLDER, test: FOLDER}}")
+    g = r.grid
+    for x in g.reductions:
+        if x not in REDUCTIONS:
+            raise ConfigError(f"grid.reductions: {x!r} is not one of {list(REDUCTIONS)}")
+    for lv in g.levels:
+        if not lv or set(lv) - set(LEVELS):
+            raise ConfigError(f"grid.levels: each entry a non-empty subset of {list(LEVELS)}, got {lv}")
+    for c in g.controls:
+        if c not in CONTROLS:
+            raise ConfigError(f"grid.controls: {c!r} is not one of {list(CONTROLS)}")
+    if set(g.control_projector) - {"reduction", "levels"}:
+        raise ConfigError("grid.control_projector: only reduction and levels")
+    if r.launch:
+        _path(r.launch, "launch")
+    for key in ("data", "init_projector", "init_encoder"):
+        if key in r.lora:
+            raise ConfigError(f"lora.{key}: set per cell by the runner (task data, the stage-1 export); remove it")
+    return r
+
+
+def _path(p: str, key: str) -> str:
+    full = p if os.path.isabs(p) else os.path.join(ROOT, p)
+    if not os.path.exists(full):
+        raise ConfigError(f"{key}: not found: {p}")
+    return full
+
+
+# -- the grid -------------------------------------------------------------------------------------------
+def cells(grid: Grid) -> list[dict]:
+    """[{name, reduction, levels, use_graph, use_selfies}] in table order."""
+    out = [{"name": f"{red}/{'+'.join(lv)}", "reduction": red, "levels": list(lv), "use_graph": True, "use_selfies": True}
+           for red in grid.reductions for lv in grid.levels]
+    cp = {"reduction": "none", "levels": list(LEVELS), **grid.control_projector}
+    for c in grid.controls:
+        graph = c == "graph_only"
+        out.append({"name": c, "reduction": cp["reduction"] if graph else "-", "levels": cp["levels"] if graph else [],
+                    "use_graph": graph, "use_selfies": not graph})
+    return out
+
+
+def _slug(name: str) -> str:
+    return name.replace("/", "__").replace("+", "-")
+
+
+def _key(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def stage1_recipe(r: Recipe, folders: dict) -> dict:
+    align = copy.deepcopy(r.align)
+    # the paper aligns on molecule-text pairs: description data when the study has it, else every task
+    align.setdefault("data", [folders["molcap"]["train"]] if "molcap" in folders else [f["train"] for f in folders.values()])
+    return {"run_dir": os.path.join(r.out_dir, "stage1"), "seed": r.seed, "log_with": r.log_with,
+            "mixed_precision": r.mixed_precision, "stages": ["align"], "align": align}
+
+
+def cell_recipe(r: Recipe, task: str, cell: dict, train: str, stage1_export: str) -> dict:
+    lora = copy.deepcopy(r.lora)
+    proj = {**lora.get("projector", {})}
+    if cell["use_graph"]:
+        proj.update(reduction=cell["reduction"], levels=cell["levels"])
+    prompt = {**lora.get("prompt", {}), "use_graph": cell["use_graph"], "use_selfies": cell["use_selfies"]}
+    lora.update(data=[train], projector=proj, prompt=prompt,
+                init_projector=os.path.join(stage1_export, "projector"), init_encoder=os.path.join(stage1_export, "encoder"))
+    return {"run_dir": os.path.join(r.out_dir, "cells", task, _slug(cell["name"]), "run"), "seed": r.seed,
+            "log_with": r.log_with, "mixed_precision": r.mixed_precision, "stages": ["lora"], "lora": lora}
+
+
+def validate_runs(recipes: list[dict]) -> None:
+    """Every run recipe checked as trainer/run.py checks it (keys, choices, paths) before any training; the
+    stage-1 export the cells start from does not exist yet and is left out of the check."""
+    from .run import run_config
+
+    for rec in recipes:
+        rec = copy.deepcopy(rec)
+        for section in rec["stages"]:
+            for key in ("init_projector", "init_encoder"):
+                if rec[section].get(key) and not os.path.exists(rec[section][key]):
+                    rec[section][key] = None
+        run_config(rec)
+
+
+# -- running --------------------------------------------------------------------------------------------
+def _launcher(launch: str | None) -> list[str]:
+    if not launch:
+        return [sys.executable]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", _path(launch, "launch")]
+
+
+def train_run(recipe: dict, folder: str, launch: str | None) -> dict:
+    """`trainer/run.py` on the recipe in a subprocess (log in FOLDER/train.log); its JSON summary."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "recipe.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(recipe, f)
+    with open(os.path.join(folder, "train.log"), "w") as log:
+        p = subprocess.run([*_launcher(launch), os.path.join(ROOT, "trainer", "run.py"), "--config", path],
+                           cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True)
+        log.write(p.stdout)
+    if p.returncode != 0:
+        raise RuntimeError(f"training exited with {p.returncode}; see {os.path.join(folder, 'train.log')}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def evaluate_cell(task: str, export: str, test: str, folder: str, ev: EvalSettings) -> tuple[dict, int]:
+    """Generate answers for the held-out rows (`python -m trainer.generate`) and score every row."""
+    from .evaluate import compute, read_predictions
+
+    preds = os.path.join(folder, "preds.jsonl")
+    cmd = [sys.executable, "-m", "trainer.generate", "--model", export, "--data", test, "--out", preds,
+           "--batch-size", str(ev.batch_size), "--max-new-tokens", str(ev.max_new_tokens), "--num-beams", str(ev.num_beams)]
+    cmd += ["--limit", str(ev.limit)] if ev.limit is not None else []
+    with open(os.path.join(folder, "generate.log"), "w") as log:
+        p = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    if p.returncode != 0:
+        raise RuntimeError(f"generation exited with {p.returncode}; see {os.path.join(folder, 'generate.log')}")
+    targets, outputs, _ = read_predictions(preds)
+    return compute(task, targets, outputs, text_tokenizer=ev.text_tokenizer), len(targets)
+
+
+def run_cell(r: Recipe, task: str, cell: dict, recipe: dict, test: str, key: str) -> dict:
+    folder = os.path.dirname(recipe["run_dir"])
+    base = {"task": task, "cell": cell["name"], "reduction": cell["reduction"], "levels": "+".join(cell["levels"]) or "-",
+            "use_graph": cell["use_graph"], "use_selfies": cell["use_selfies"], "key": key}
+    t0 = time.time()
+    try:
+        summary = train_run(recipe, folder, r.launch)["stages"]["lora"]
+        t1 = time.time()
+        metrics, n = evaluate_cell(task, summary["export"], test, folder, r.eval)
+        result = {**base, "status": "done", "steps": summary["steps"], "train_loss": summary.get("loss"),
+                  "samples": summary.get("samples"), "n_eval": n, "train_s": round(t1 - t0, 1),
+                  "eval_s": round(time.time() - t1, 1), "metrics": metrics}
+    except Exception as e:  # one broken cell is reported and retried later; the study goes on
+        result = {**base, "status": "failed", "error": f"{type(e).__name__}: {e}", "metrics": {}}
+    _write_json(os.path.join(folder, "result.json"), result)
+    return result
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _read_json(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+# -- reports --------------------------------------------------------------------------------------------
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    """A Markdown table of `columns` (a row's `metrics` entries are read like its own keys)."""
+    def cell(row, c):
+        return _fmt(row.get(c, row.get("metrics", {}).get(c)))
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(cell(row, c) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_reports(out_dir: str, results: list[dict], scale: str) -> dict:
+    """results.csv, results.md and one bar chart per task; returns their paths."""
+    metric_names = sorted({k for x in results for k in x["metrics"]})
+    fixed = ["task", "cell", "reduction", "levels", "use_graph", "use_selfies", "status", "steps", "train_loss", "n_eval"]
+    tmp = os.path.join(out_dir, "results.csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(fixed + metric_names)
+        for x in results:
+            w.writerow([x.get(c, "") for c in fixed] + [x["metrics"].get(m, "") for m in metric_names])
+    os.replace(tmp, os.path.join(out_dir, "results.csv"))
+    parts = ["# Graph level x token reduction study", "", scale, ""]
+    charts = {}
+    for task in dict.fromkeys(x["task"] for x in results):
+        rows = [x for x in results if x["task"] == task]
+        names = sorted({k for x in rows for k in x["metrics"]}, key=lambda k: (k not in HEADLINE.get(task, ()), k))
+        parts += [f"## {task}", "", markdown_table(rows, ["cell", "status", "train_loss", "n_eval", *names]), ""]
+        charts[task] = bar_chart(os.path.join(out_dir, f"{task}.png"), task, rows, HEADLINE.get(task, tuple(names[:4])))
+    parts += ["Cells that failed list `failed` and no metrics; see cells/TASK/CELL/train.log.", ""]
+    with open(os.path.join(out_dir, "results.md.tmp"), "w") as f:
+        f.write("\n".join(parts))
+    os.replace(os.path.join(out_dir, "results.md.tmp"), os.path.join(out_dir, "results.md"))
+    return {"csv": os.path.join(out_dir, "results.csv"), "markdown": os.path.join(out_dir, "results.md"), "charts": charts}
+
+
+def bar_chart(path: str, task: str, rows: list[dict], metrics: tuple) -> str:
+    """One horizontal bar per cell for each headline metric, side by side (PNG)."""
+    from matplotlib.figure import Figure
+
+    labels = [x["cell"] for x in rows]
+    fig = Figure(figsize=(3.2 * len(metrics) + 1.5, 0.32 * len(rows) + 1.4))
+    axes = fig.subplots(1, len(metrics), sharey=True, squeeze=False)[0]
+    for ax, m in zip(axes, metrics):
+        values = [x["metrics"].get(m) for x in rows]
+        ax.barh(range(len(rows)), [v or 0.0 for v in values], color=["#888" if not x["use_graph"] or not x["use_selfies"]
+                                                                      else "#3a7" for x in rows])
+        for i, v in enumerate(values):
+            ax.text(v or 0.0, i, f" {_fmt(v)}", va="center", fontsize=7)
+        ax.set_title(m, fontsize=9)
+        ax.tick_params(labelsize=7)
+    axes[0].set_yticks(range(len(rows)), labels)
+    axes[0].invert_yaxis()
+    fig.suptitle(f"{task}: held-out metrics per cell (grey: controls)", fontsize=10)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+    return path
+
+
+# -- the command ----------------------------------------------------------------------------------------
+def task_folders(r: Recipe) -> dict:
+    """{task: {train, test}}: the recipe's folders, the shipped samples built into OUT_DIR/data otherwise."""
+    folders = {t: {k: _path(v, f"data.{t}.{k}") for k, v in r.data[t].items()} for t in r.tasks if t in r.data}
+    missing = [t for t in r.tasks if t not in folders]
+    if missing:
+        from .tasks import SHIPPED, _ray, prepare_shipped
+
+        for t in missing:
+            if t not in SHIPPED or SHIPPED[t][1] is None:
+                raise ConfigError(f"data.{t}: no shipped sample for {t!r}; give {{train: FOLDER, test: FOLDER}}")
+        out = os.path.join(r.out_dir, "data")
+        with _ray():
+            train = prepare_shipped(out, tuple(missing), "train")
+            test = prepare_shipped(out, tuple(missing), "test")
+        folders.update({t: {"train": train[t], "test": test[t]} for t in missing})
+    return folders
+
+
+def scale_line(r: Recipe, stage1: dict, folders: dict) -> str:
+    lora = r.lora
+    t, b = lora.get("train", {}), lora.get("batching", {})
+    return (f"Scale: LLM `{lora.get('llm', {}).get('name', 'smollm2-135m')}`; stage 1 {stage1.get('steps')} steps; "
+            f"stage 2 per cell {t.get('max_steps', 300)} steps x {t.get('grad_accum', 1)} micro-batches of "
+            f"{b.get('rows', 1)} packed row(s) x {b.get('budget', 2048)} tokens per process, lr {t.get('lr', 2e-4)}, "
+            f"seed {r.seed}, launch `{r.launch or 'one process'}`; evaluation on "
+            f"{'all' if r.eval.limit is None else f'the first {r.eval.limit}'} held-out rows per task, "
+            f"{'greedy' if r.eval.num_beams == 1 else f'beam {r.eval.num_beams}'}, {r.eval.max_new_tokens} new tokens. "
+            f"Train / test folders: " + "; ".join(f"{k}: {v['train']} / {v['test']}" for k, v in folders.items()) + ".")
+
+
+def run(r: Recipe) -> dict:
+    from tqdm import tqdm
+
+    r.out_dir = os.path.abspath(r.out_dir)
+    os.makedirs(r.out_dir, exist_ok=True)
+    folders = task_folders(r)
+    s1 = stage1_recipe(r, folders)
+    grid = cells(r.grid)
+    export = os.path.join(s1["run_dir"], "align", "export")
+    plan = [(t, c, cell_recipe(r, t, c, folders[t]["train"], export)) for t in r.tasks for c in grid]
+    validate_runs([s1] + [rec for _, _, rec in plan])  # every run's recipe, before any training
+    s1_key = _key(s1)
+    s1_done = _read_json(os.path.join(r.out_dir, "stage1", "result.json"))
+    if s1_done and s1_done.get("key") == s1_key and os.path.isdir(export):
+        stage1 = s1_done
+        print(f"[experiments] stage 1 reused: {export}", file=sys.stderr)
+    else:
+        print("[experiments] stage 1 (projector alignment)", file=sys.stderr)
+        m = train_run(s1, os.path.join(r.out_dir, "stage1"), r.launch)["stages"]["align"]
+        stage1 = {"key": s1_key, "steps": m["steps"], "loss": m.get("loss"), "export": m["export"]}
+        _write_json(os.path.join(r.out_dir, "stage1", "result.json"), stage1)
+    scale = scale_line(r, stage1, folders)
+    print(f"[experiments] {len(plan)} cells ({len(r.tasks)} tasks x {len(grid)}). {scale}", file=sys.stderr)
+    results, ran, skipped = [], 0, 0
+    for task, cell, rec in tqdm(plan, desc="cells", file=sys.stderr):
+        key = _key({"stage1": s1_key, "run": rec, "eval": dataclasses.asdict(r.eval), "test": folders[task]["test"]})
+        done = _read_json(os.path.join(os.path.dirname(rec["run_dir"]), "result.json"))
+        if done and done.get("status") == "done" and done.get("key") == key:
+            results.append(done)
+            skipped += 1
+            continue
+        results.append(run_cell(r, task, cell, rec, folders[task]["test"], key))
+        ran += 1
+        x = results[-1]
+        print(f"[experiments] {task} {cell['name']}: {x['status']} {x.get('error', '')}"
+              f"{json.dumps({k: round(v, 4) for k, v in x['metrics'].items() if isinstance(v, float)})}", file=sys.stderr)
+    reports = write_reports(r.out_dir, results, scale)
+    with open(reports["markdown"]) as f:
+        print(f.read(), file=sys.stderr)
+    failed = [f"{x['task']} {x['cell']}" for x in results if x["status"] != "done"]
+    return {"out_dir": r.out_dir, "cells": len(results), "ran": ran, "skipped": skipped, "failed": failed,
+            "scale": scale, **reports}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m trainer.experiments", description=__doc__.split("\n")[0])
+    p.add_argument("--config", required=True, help="experiments recipe, e.g. launch_configs/recipes/experiments_demo.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value, e.g. lora.train.max_steps=3000 eval.limit=null")
+    a = p.parse_args(argv)
+    try:
+        r = load_recipe(a.config, a.overrides)
+        summary = run(r)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # stage 1 failed: no cell can start
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary))
+    return 1 if summary["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
