@@ -94,3 +94,28 @@ def test_dataset_for_follows_the_exported_projector(setup):
         assert int((np.asarray(red["input_ids"]) == gid).sum()) == sum(graph_token_count(
             int(g.num_atoms), int(g.num_motifs), "hierarchical", ["node", "graph"]) for g in red["graphs"]) == 2 * len(red["graphs"])
         assert int((np.asarray(full["input_ids"]) == gid).sum()) > int((np.asarray(red["input_ids"]) == gid).sum())
+
+
+@pytest.mark.slow
+def test_two_processes_split_rows_and_gather_them_in_order(setup, tmp_path):
+    """`accelerate launch` on 2 CPU ranks: each generates a contiguous slice, rank 0 writes all rows in
+    input order, with the same answers as one process."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    _, _, ds, export, folder = setup
+    args = ["-m", "trainer.generate", "--model", export, "--data", folder, "--batch-size", "3", "--max-new-tokens", "6",
+            "--limit", "7"]  # 7 rows: slices of 4 and 3
+    one = cli(*args[1:], "--out", str(tmp_path / "one.jsonl"), timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           os.path.join(ROOT, "launch_configs", "accelerate", "cpu_2proc.yaml"), *args, "--out", str(tmp_path / "two.jsonl")]
+    two = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "num_processes" in two.stdout and json.loads(two.stdout.strip().splitlines()[-1])["num_processes"] == 2
+    a = [json.loads(line) for line in open(tmp_path / "one.jsonl")]
+    b = [json.loads(line) for line in open(tmp_path / "two.jsonl")]
+    assert [x["row"] for x in b] == [x["row"] for x in a] == ds.row_ids.tolist()[:7]
+    assert [x["prediction"] for x in b] == [x["prediction"] for x in a]

@@ -7,8 +7,9 @@
 3. convert the samples into instruction data (molecule description, forward prediction) and train the
    multimodal SmolLM2-135M: stage 1 (projector) and stage 2 (LoRA, forward prediction) on 2 CPU
    processes under DeepSpeed ZeRO-2 (launch_configs/recipes/demo_llm.yaml), exporting a PEFT folder;
-4. generate answers for a few held-out reactions with the exported model;
-and print a one-line JSON summary last. Everything lands under runs/demo/.
+4. generate answers for 16 held-out reactions with the exported model and score them (every row counts),
+   printing the metrics table;
+and print a one-line JSON summary last (with the metrics). Everything lands under runs/demo/.
 """
 from __future__ import annotations
 
@@ -67,14 +68,8 @@ def main(out: str = os.path.join(ROOT, "runs", "demo")) -> dict:
                          if k.startswith(("eval_", "loss", "steps", "encoder", "elapsed", "export", "tokens_per_s",
                                           "frozen_params", "ranks_identical"))}
     summary["export"] = llm["stages"]["lora"]["export"]
-    summary["generations"] = _generate(summary["export"], tasks["forward_test"], n=4)
-    summary["stages"].append("generate")
-    from .metrics import molecule_metrics
-
-    g = summary["generations"]  # every row counts: cut-off or invalid answers are wrong, not dropped
-    summary["metrics"] = {k: round(v, 4) for k, v in molecule_metrics([x["target"] for x in g],
-                                                                      [x["prediction"] for x in g], "selfies").items()}
-    print(f"[evaluate] forward prediction on {len(g)} held-out reactions: {summary['metrics']}", file=sys.stderr)
+    summary["generations"], summary["metrics"] = _evaluate(summary["export"], tasks["forward_test"], n=16)
+    summary["stages"].append("evaluate")
     summary["elapsed_s"] = round(time.time() - t0, 1)
     return summary
 
@@ -90,22 +85,26 @@ def _launch(accel: str, recipe: str, run_dir: str, overrides: list[str]) -> dict
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def _generate(export: str, folder: str, n: int) -> list[dict]:
-    """Greedy answers of the exported model for the first n held-out samples, printed as they come."""
-    from .export import load_export
-    from .generate import generate, to_smiles
-    from .instructions import InstructionDataset, PromptConfig
+def _evaluate(export: str, folder: str, n: int) -> tuple[list[dict], dict]:
+    """Greedy answers of the exported model for the first n held-out reactions, scored over every row
+    (a cut-off or invalid answer is wrong, not dropped); prints a few answers and the metrics table."""
+    from .evaluate import compute
+    from .experiments import markdown_table
+    from .export import dataset_for, load_export
+    from .generate import predict
 
     tok, model, meta = load_export(export)
     ds = dataset_for(meta, folder, tok)
-    items = [ds[i] for i in range(min(n, len(ds)))]
-    out = []
-    for it, answer in zip(items, generate(model, tok, items, max_new_tokens=96)):
-        rec = ds.record(it["index"])
-        out.append({"input": rec["input"], "target": rec["output"], "prediction": answer,
-                    "prediction_smiles": to_smiles(answer)})
-        print(f"[generate] target {rec['output']}\n           output {answer}", file=sys.stderr)
-    return out
+    preds = predict(model, tok, ds, list(range(min(n, len(ds)))), batch_size=8, max_new_tokens=96)
+    for p in preds[:4]:
+        print(f"[generate] target {p['target']}\n           output {p['prediction']}", file=sys.stderr)
+    metrics = {k: round(v, 4) for k, v in compute("forward", [p["target"] for p in preds],
+                                                  [p["prediction"] for p in preds]).items()}
+    print(f"[evaluate] forward prediction, {len(preds)} held-out reactions, greedy, 96 new tokens:\n"
+          + markdown_table([{"model": "demo stage 2", "rows": len(preds), **metrics}], ["model", "rows", *metrics]),
+          file=sys.stderr)
+    keep = ("input", "target", "prediction", "prediction_smiles")
+    return [{k: p[k] for k in keep} for p in preds[:4]], {"task": "forward", "rows": len(preds), **metrics}
 
 
 if __name__ == "__main__":

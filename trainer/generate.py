@@ -74,8 +74,18 @@ def predict(model, tok, dataset, rows: list[int], batch_size: int, **kw) -> list
     return out
 
 
-def main(argv=None) -> int:
+def process_state():
+    """Accelerate's process state. Launched on several CPU processes it needs the gloo backend, or every
+    rank runs alone with num_processes 1 (and each writes every row)."""
     from accelerate import PartialState
+
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+        return PartialState(cpu=True, backend="gloo")
+    return PartialState()
+
+
+def main(argv=None) -> int:
     from accelerate.utils import gather_object
 
     from graph.atomic import atomic_writer
@@ -103,7 +113,7 @@ def main(argv=None) -> int:
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    state = PartialState()
+    state = process_state()
     tok, model, meta = load_export(model_dir)
     model.to(state.device)
     ds = dataset_for(meta, a.data, tok)
@@ -120,7 +130,7 @@ def main(argv=None) -> int:
                 w.writerow(["input", "ground truth", "output"])
                 w.writerows([[r["input"], r["target"], r["prediction"]] for r in preds])
         print(json.dumps({"predictions": len(preds), "skipped_longer_than_max_length": len(ds.rejects), "out": a.out,
-                          "model": model_dir}))
+                          "model": model_dir, "num_processes": state.num_processes}))
     return 0
 
 
