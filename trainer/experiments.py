@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
-import dataclasses
 import hashlib
 import json
 import os
@@ -65,6 +64,7 @@ class EvalSettings:
     num_beams: int = 1
     batch_size: int = 8
     text_tokenizer: str | None = None  # molcap word pieces (default: offline bert-base-uncased)
+    launch: str | None = None  # accelerate config for generation (rank slices gathered in order); null: one process
 
 
 @dataclass
@@ -105,8 +105,9 @@ def load_recipe(path: str, overrides: list[str] = ()) -> Recipe:
             raise ConfigError(f"grid.controls: {c!r} is not one of {list(CONTROLS)}")
     if set(g.control_projector) - {"reduction", "levels"}:
         raise ConfigError("grid.control_projector: only reduction and levels")
-    if r.launch:
-        _path(r.launch, "launch")
+    for key, launch in (("launch", r.launch), ("eval.launch", r.eval.launch)):
+        if launch:
+            _path(launch, key)
     for key in ("data", "init_projector", "init_encoder"):
         if key in r.lora:
             raise ConfigError(f"lora.{key}: set per cell by the runner (task data, the stage-1 export); remove it")
@@ -202,7 +203,7 @@ def evaluate_cell(task: str, export: str, test: str, folder: str, ev: EvalSettin
     from .evaluate import compute, read_predictions
 
     preds = os.path.join(folder, "preds.jsonl")
-    cmd = [sys.executable, "-m", "trainer.generate", "--model", export, "--data", test, "--out", preds,
+    cmd = [*_launcher(ev.launch), "-m", "trainer.generate", "--model", export, "--data", test, "--out", preds,
            "--batch-size", str(ev.batch_size), "--max-new-tokens", str(ev.max_new_tokens), "--num-beams", str(ev.num_beams)]
     cmd += ["--limit", str(ev.limit)] if ev.limit is not None else []
     with open(os.path.join(folder, "generate.log"), "w") as log:
@@ -355,7 +356,7 @@ def run(r: Recipe) -> dict:
     export = os.path.join(s1["run_dir"], "align", "export")
     plan = [(t, c, cell_recipe(r, t, c, folders[t]["train"], export)) for t in r.tasks for c in grid]
     validate_runs([s1] + [rec for _, _, rec in plan])  # every run's recipe, before any training
-    s1_key = _key(s1)
+    s1_key = _key({"run": s1, "launch": r.launch})
     s1_done = _read_json(os.path.join(r.out_dir, "stage1", "result.json"))
     if s1_done and s1_done.get("key") == s1_key and os.path.isdir(export):
         stage1 = s1_done
@@ -369,7 +370,8 @@ def run(r: Recipe) -> dict:
     print(f"[experiments] {len(plan)} cells ({len(r.tasks)} tasks x {len(grid)}). {scale}", file=sys.stderr)
     results, ran, skipped = [], 0, 0
     for task, cell, rec in tqdm(plan, desc="cells", file=sys.stderr):
-        key = _key({"stage1": s1_key, "run": rec, "eval": dataclasses.asdict(r.eval), "test": folders[task]["test"]})
+        scoring = {k: getattr(r.eval, k) for k in ("limit", "max_new_tokens", "num_beams", "text_tokenizer")}
+        key = _key({"stage1": s1_key, "run": rec, "launch": r.launch, "eval": scoring, "test": folders[task]["test"]})
         done = _read_json(os.path.join(os.path.dirname(rec["run_dir"]), "result.json"))
         if done and done.get("status") == "done" and done.get("key") == key:
             results.append(done)
