@@ -50,7 +50,7 @@ def test_two_cell_grid_table_chart_and_rerun_skips(tmp_path, folders):
     # both cells started from the one stage-1 projector and encoder; they differ in the graph side only
     recipes = [yaml.safe_load(open(out / "cells" / "forward" / d / "recipe.yaml"))["lora"]
                for d in ("hierarchical__node-motif-graph", "selfies_only")]
-    assert recipes[0]["init_projector"] == recipes[1]["init_projector"] == str(out / "stage1" / "align" / "export" / "projector")
+    assert recipes[0]["init_projector"] == recipes[1]["init_projector"] == str(out / "stage1" / "run" / "align" / "export" / "projector")
     assert recipes[0]["prompt"]["use_graph"] and not recipes[1]["prompt"]["use_graph"]
     assert recipes[0]["projector"]["reduction"] == "hierarchical"
     preds = [json.loads(line) for line in open(out / "cells" / "forward" / "selfies_only" / "preds.jsonl")]
@@ -66,10 +66,23 @@ def test_two_cell_grid_table_chart_and_rerun_skips(tmp_path, folders):
     s2 = json.loads(again.stdout.strip().splitlines()[-1])
     assert (s2["ran"], s2["skipped"]) == (0, 2) and "stage 1 reused" in again.stderr
     assert stamps == {p: os.path.getmtime(p) for p in out.glob("cells/forward/*/result.json")}
-    # a changed setting reruns only what it touches: a new evaluation budget re-scores both cells
+    # a smaller grid reruns nothing; new scoring settings re-score without retraining; a new training
+    # setting retrains from scratch (never from the other run's checkpoint)
+    cell = out / "cells" / "forward" / "hierarchical__node-motif-graph"
+    ckpt, log = cell / "run" / "lora" / "checkpoints" / "step-2", cell / "run" / "lora" / "metrics.jsonl"
+    trained, losses = os.path.getmtime(ckpt), log.read_text()
     third = cli("trainer.experiments", "--config", recipe, "grid.controls=[]", timeout=300)
     s3 = json.loads(third.stdout.strip().splitlines()[-1])
     assert third.returncode == 0 and (s3["cells"], s3["ran"], s3["skipped"]) == (1, 0, 1)
+    fourth = cli("trainer.experiments", "--config", recipe, "grid.controls=[]", "eval.max_new_tokens=4", timeout=300)
+    assert fourth.returncode == 0 and json.loads(fourth.stdout.strip().splitlines()[-1])["ran"] == 1
+    assert os.path.getmtime(ckpt) == trained and log.read_text() == losses and "resumed from" in (cell / "train.log").read_text()
+    fifth = cli("trainer.experiments", "--config", recipe, "grid.controls=[]", "lora.train.lr=0.01", timeout=300)
+    assert fifth.returncode == 0 and json.loads(fifth.stdout.strip().splitlines()[-1])["ran"] == 1
+    new = [json.loads(line) for line in log.read_text().splitlines()]
+    old = [json.loads(line) for line in losses.splitlines()]
+    assert [x["step"] for x in new] == [1, 2] and os.path.getmtime(ckpt) > trained  # a fresh run, not resumed
+    assert new[0]["lora/loss"] == pytest.approx(old[0]["lora/loss"]) and new[1]["lora/loss"] != old[1]["lora/loss"]
 
 
 def test_bad_experiment_recipes_fail_before_training(tmp_path, folders):

@@ -9,7 +9,7 @@ Which graph level and which token reduction help which task, and how much the mo
     then generates answers for the task's held-out rows and scores them (trainer.metrics).
 
 OUT_DIR/
-  stage1/             the shared stage-1 run (projector alignment); its export seeds every cell
+  stage1/             the shared stage-1 run (projector alignment); run/align/export seeds every cell
   cells/TASK/CELL/    recipe.yaml, train.log, run/ (checkpoints, export), preds.jsonl, result.json
   results.csv         one row per (task, cell): settings, status, training loss, every metric
   results.md          the scale of the run, then one table per task
@@ -146,7 +146,7 @@ def stage1_recipe(r: Recipe, folders: dict) -> dict:
     align = copy.deepcopy(r.align)
     # the paper aligns on molecule-text pairs: description data when the study has it, else every task
     align.setdefault("data", [folders["molcap"]["train"]] if "molcap" in folders else [f["train"] for f in folders.values()])
-    return {"run_dir": os.path.join(r.out_dir, "stage1"), "seed": r.seed, "log_with": r.log_with,
+    return {"run_dir": os.path.join(r.out_dir, "stage1", "run"), "seed": r.seed, "log_with": r.log_with,
             "mixed_precision": r.mixed_precision, "stages": ["align"], "align": align}
 
 
@@ -184,8 +184,17 @@ def _launcher(launch: str | None) -> list[str]:
 
 
 def train_run(recipe: dict, folder: str, launch: str | None) -> dict:
-    """`trainer/run.py` on the recipe in a subprocess (log in FOLDER/train.log); its JSON summary."""
+    """`trainer/run.py` on the recipe in a subprocess (log in FOLDER/train.log); its JSON summary.
+    The same recipe resumes from its last checkpoint (a finished run returns at once); another recipe
+    starts from scratch: resuming another run's checkpoint would report that run's model."""
+    import shutil
+
     os.makedirs(folder, exist_ok=True)
+    key, key_file = _key({"run": recipe, "launch": launch}), os.path.join(folder, "train_key")
+    if not os.path.exists(key_file) or open(key_file).read() != key:
+        shutil.rmtree(recipe["run_dir"], ignore_errors=True)
+        with open(key_file, "w") as f:
+            f.write(key)
     path = os.path.join(folder, "recipe.yaml")
     with open(path, "w") as f:
         yaml.safe_dump(recipe, f)

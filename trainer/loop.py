@@ -106,7 +106,7 @@ def train(accelerator, model, optimizer, scheduler, loader, step_fn, cfg: TrainC
         with open(os.path.join(resume, STATE_FILE)) as f:
             state = json.load(f)
         accelerator.print(f"[{name}] resumed from {resume} (step {state['step']})")
-    rank, world = accelerator.process_index, accelerator.num_processes
+    rank, world, start = accelerator.process_index, accelerator.num_processes, state["step"]
     bar = tqdm(total=cfg.max_steps, initial=state["step"], desc=name, disable=not accelerator.is_local_main_process)
     metrics_file = os.path.join(os.path.dirname(ckpt_dir), "metrics.jsonl")  # one line per logged step
     os.makedirs(ckpt_dir, exist_ok=True)
@@ -191,7 +191,8 @@ def train(accelerator, model, optimizer, scheduler, loader, step_fn, cfg: TrainC
             state["epoch"] += 1
             state["batches_in_epoch"] = 0
     bar.close()
-    save_checkpoint(accelerator, ckpt_dir, state, cfg.keep_checkpoints, snapshot)
+    if not (resume and state["step"] == start):  # a run resumed at its end has its last checkpoint already
+        save_checkpoint(accelerator, ckpt_dir, state, cfg.keep_checkpoints, snapshot)
     out = {k.split("/", 1)[1]: v for k, v in last.items()}
     if evaluate:
         ev = evaluate()
