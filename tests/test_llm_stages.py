@@ -108,9 +108,15 @@ def test_zero3_two_ranks_and_export_reloads_with_peft(tmp_path, data, single):
 
     from trainer.export import load_export
 
-    s = _summary(_launch(_recipe(tmp_path, data), accel="cpu_2proc_zero3.yaml", ds_file=_zero3_config(tmp_path)))
+    # with the vocabulary in 4 row blocks (trainer.vocab_chunks), partitioned like the rest: same losses as
+    # the unchunked 1-process run, same FLOP count, and the export (a plain LLM + adapter) gives the same logits
+    chunks = ("align.llm.vocab_chunks=4", "lora.llm.vocab_chunks=4")
+    s = _summary(_launch(_recipe(tmp_path, data), *chunks, accel="cpu_2proc_zero3.yaml", ds_file=_zero3_config(tmp_path)))
     run_dir = str(tmp_path / "run")
     _check_two_ranks(s, run_dir, single[0])
+    for stage in ("align", "lora"):
+        assert s["stages"][stage]["flops_per_token"] == pytest.approx(single[1]["stages"][stage]["flops_per_token"])
+        assert s["stages"][stage]["export_max_abs_logit_diff"] <= 1e-5
     export = s["stages"]["lora"]["export"]
     # the adapter is a real PEFT folder with non-empty, trained tensors (a rank-0-only gather writes empty ones)
     adapter = load_file(os.path.join(export, "adapter", "adapter_model.safetensors"))
@@ -200,6 +206,7 @@ def test_bad_recipes_fail_before_compute(tmp_path, data):
     cases = [("align.batching.mode=stacked", "align.batching.mode"), ("lora.data=[/nope]", "/nope"),
              ("align.prompt.max_length=4096", "budget"), ("align.lora={r: 4}", "align.lora"),
              ("lora.projector.levels=[atom]", "lora.projector.levels"), ("lora.lora.r=0", "lora.lora"),
+             ("align.llm.vocab_chunks=-1", "align.llm.vocab_chunks"),
              ("lora.llm.attn_implementation=flashy", "lora.llm.attn_implementation"),
              ("lora.prompt.use_graph=false", None)]
     for override, named in cases:

@@ -80,7 +80,7 @@ class MultimodalLM(nn.Module):
         tied to the encoder and projector outputs)."""
         stand_in = graphs is None
         if stand_in:
-            graphs, num_mols = _stand_in_graph().to(self.lm_head.weight.device), 1
+            graphs, num_mols = _stand_in_graph().to(next(self.lm_head.parameters()).device), 1
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoder):
             enc = self.encoder(graphs)
         tokens, _ = self.projector(enc, num_mols)

@@ -42,6 +42,10 @@ class LLMSettings:
     dtype: str = "float32"  # bfloat16 on GPUs (with mixed_precision: bf16)
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
+    # > 0: embedding and LM head as this many row blocks (trainer.vocab_chunks), so ZeRO-3 gathers one
+    # block at a time instead of the whole vocab x hidden matrix; worth it when that matrix is a large
+    # share of the model (LLaMA-3.2-1B: 21%; 16 blocks). Same values, other layout; 0: off
+    vocab_chunks: int = 0
 
 
 @dataclass
@@ -112,6 +116,8 @@ def validate(cfg: Config, stage: str) -> None:
                           f"({cfg.batching.budget}): a sample must fit in a packed row")
     if cfg.lora is not None and (cfg.lora.r < 1 or cfg.lora.alpha <= 0 or not 0 <= cfg.lora.dropout < 1):
         raise ConfigError(f"{stage}.lora: r >= 1, alpha > 0 and 0 <= dropout < 1 (got {cfg.lora})")
+    if cfg.llm.vocab_chunks < 0:  # the upper bound (the vocabulary size) is checked once the LLM is loaded
+        raise ConfigError(f"{stage}.llm.vocab_chunks: 0 (off) or a number of row blocks, got {cfg.llm.vocab_chunks}")
     if not cfg.prompt.use_graph and not cfg.prompt.use_selfies:
         raise ConfigError(f"{stage}.prompt: use_graph and use_selfies cannot both be false")
 
@@ -141,7 +147,7 @@ def flops_per_token(model, mean_len: float, label_fraction: float) -> float:
         return getattr(p, "ds_numel", p.numel())
 
     cfg = model._base().config
-    head = numel(model.lm_head.weight)
+    head = sum(numel(p) for p in model.lm_head.parameters())  # one weight, or its row blocks (vocab_chunks)
     frozen = sum(numel(p) for n, p in model.llm.named_parameters() if not p.requires_grad and "embed" not in n
                  and "lm_head" not in n)
     trained = sum(numel(p) for p in model.llm.parameters() if p.requires_grad)
@@ -159,6 +165,13 @@ def build_model(cfg: Config, run_dir: str, stage: str, tok, seed: int):
     _, lm = load_llm(cfg.llm.name, dtype=dtype, attn_implementation=cfg.llm.attn_implementation,
                      trust_remote_code=cfg.llm.trust_remote_code)
     lm.requires_grad_(False)
+    if cfg.llm.vocab_chunks:
+        from ..vocab_chunks import chunk_vocab
+
+        vocab = lm.config.vocab_size
+        if cfg.llm.vocab_chunks > vocab:
+            raise ConfigError(f"{stage}.llm.vocab_chunks: at most the vocabulary size ({vocab}), got {cfg.llm.vocab_chunks}")
+        chunk_vocab(lm, cfg.llm.vocab_chunks)
     if cfg.llm.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     enc_dir = _auto(cfg.init_encoder, [os.path.join(run_dir, s, "encoder") for s in ("encoder_contrastive", "encoder_ssl")])
