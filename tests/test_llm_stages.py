@@ -162,6 +162,16 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, data, zero2):
     assert crashed.returncode != 0
     assert os.path.isdir(tmp_path / "crash" / "lora" / "checkpoints" / "step-2")
     assert not os.path.exists(tmp_path / "crash" / "lora" / "export")
+    # the killed run's stage folder resolves to its step-2 checkpoint, which generation loads (safetensors)
+    from conftest import cli
+    from trainer.export import resolve
+
+    stage_dir = str(tmp_path / "crash" / "lora")
+    assert resolve(stage_dir) == os.path.join(stage_dir, "checkpoints", "step-2", "export")
+    g = cli("trainer.generate", "--model", stage_dir, "--data", data["forward"], "--out", str(tmp_path / "p.jsonl"),
+            "--limit", "2", "--max-new-tokens", "4")
+    assert g.returncode == 0 and json.loads(g.stdout.strip().splitlines()[-1])["predictions"] == 2, g.stderr[-3000:]
+    step2 = load_file(os.path.join(resolve(stage_dir), "adapter", "adapter_model.safetensors"))
     resumed = _summary(_launch(recipe, *args, accel="cpu_2proc_zero2.yaml"))
     with open(tmp_path / "crash" / "lora" / "metrics.jsonl") as f:
         assert [json.loads(line)["step"] for line in f] == [1, 2, 3, 4]  # resumed at step 3, not restarted
@@ -169,6 +179,10 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, data, zero2):
     a = load_file(os.path.join(ref["stages"]["lora"]["export"], "adapter", "adapter_model.safetensors"))
     b = load_file(os.path.join(resumed["stages"]["lora"]["export"], "adapter", "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # the last checkpoint's export is the final model; the step-2 one is the model of step 2
+    last = load_file(os.path.join(stage_dir, "checkpoints", "step-4", "export", "adapter", "adapter_model.safetensors"))
+    assert all(torch.equal(last[k], b[k]) for k in b)
+    assert step2.keys() == b.keys() and any(not torch.equal(step2[k], b[k]) for k in b)
 
 
 @pytest.mark.slow

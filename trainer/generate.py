@@ -32,7 +32,7 @@ def generate(model, tok, items: list[dict], max_new_tokens: int = 128, num_beams
     model.eval()
     prompts = [torch.as_tensor(it["input_ids"][: it["num_prompt"]]) for it in items]
     width = max(len(p) for p in prompts)
-    device = model.lm_head.weight.device
+    device = next(model.lm_head.parameters()).device  # a plain head or its row blocks (vocab_chunks)
     ids = torch.full((len(items), width), tok.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(items), width), dtype=torch.long)
     for i, p in enumerate(prompts):
