@@ -57,6 +57,7 @@ def test_two_cell_grid_table_chart_and_rerun_skips(tmp_path, folders):
     assert len(preds) == 3 and "<graph>" not in preds[0]["input"]
     md = (out / "results.md").read_text()
     assert "## forward" in md and "| hierarchical/node+motif+graph | done |" in md and "Scale:" in md
+    assert "beaten by" in md and "of 1 graph-token cells" in md
     png = (out / "forward.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     stamps = {p: os.path.getmtime(p) for p in out.glob("cells/forward/*/result.json")}
@@ -102,3 +103,16 @@ def test_bad_experiment_recipes_fail_before_training(tmp_path, folders):
     grid = cells(load_recipe(recipe, ["grid.controls=[selfies_only,graph_only]"]).grid)
     assert [c["name"] for c in grid] == ["hierarchical/node+motif+graph", "selfies_only", "graph_only"]
     assert grid[2]["use_graph"] and not grid[2]["use_selfies"] and grid[2]["levels"] == ["node", "motif", "graph"]
+
+
+def test_compare_lines_pick_the_best_cell_and_count_cells_above_selfies_only():
+    from trainer.experiments import compare
+
+    rows = [{"cell": "none/node", "metrics": {"exact_match": 0.1, "levenshtein": 5.0}},
+            {"cell": "all/graph", "metrics": {"exact_match": 0.3, "levenshtein": 7.0}},
+            {"cell": "graph_only", "metrics": {"exact_match": 0.5, "levenshtein": 9.0}},
+            {"cell": "selfies_only", "metrics": {"exact_match": 0.2, "levenshtein": 6.0}},
+            {"cell": "hierarchical/motif", "metrics": {}}]  # a failed cell has no metrics
+    em, lev = compare(rows, ("exact_match", "levenshtein"))
+    assert em.startswith("exact_match: best 0.5000 (graph_only)") and "beaten by 1 of 2 graph-token cells" in em
+    assert lev.startswith("levenshtein: best 5.0000 (none/node)") and "beaten by 1 of 2" in lev  # lower is better

@@ -273,6 +273,29 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+LOWER_IS_BETTER = {"levenshtein", "mae"}
+
+
+def compare(rows: list[dict], metrics: tuple) -> list[str]:
+    """One line per metric: the best cell(s) and where the graph-token cells stand against SELFIES only."""
+    lines = []
+    for m in metrics:
+        scored = [(x["cell"], x["metrics"][m]) for x in rows if x["metrics"].get(m) is not None]
+        if not scored:
+            continue
+        pick = min if m in LOWER_IS_BETTER else max
+        best = pick(v for _, v in scored)
+        tied = [c for c, v in scored if v == best]
+        line = f"{m}: best {_fmt(best)} ({', '.join(tied) if len(tied) <= 3 else f'{len(tied)} cells tie'})"
+        base = dict(scored).get("selfies_only")
+        if base is not None:
+            graph = [v for c, v in scored if c not in CONTROLS]
+            better = sum((v < base) if m in LOWER_IS_BETTER else (v > base) for v in graph)
+            line += f"; SELFIES only {_fmt(base)}, beaten by {better} of {len(graph)} graph-token cells"
+        lines.append(line)
+    return lines
+
+
 def write_reports(out_dir: str, results: list[dict], scale: str) -> dict:
     """results.csv, results.md and one bar chart per task; returns their paths."""
     metric_names = sorted({k for x in results for k in x["metrics"]})
@@ -290,6 +313,7 @@ def write_reports(out_dir: str, results: list[dict], scale: str) -> dict:
         rows = [x for x in results if x["task"] == task]
         names = sorted({k for x in rows for k in x["metrics"]}, key=lambda k: (k not in HEADLINE.get(task, ()), k))
         parts += [f"## {task}", "", markdown_table(rows, ["cell", "status", "train_loss", "n_eval", *names]), ""]
+        parts += [f"- {line}" for line in compare(rows, HEADLINE.get(task, tuple(names[:2]))[:2])] + [""]
         charts[task] = bar_chart(os.path.join(out_dir, f"{task}.png"), task, rows, HEADLINE.get(task, tuple(names[:4])))
     parts += ["Cells that failed list `failed` and no metrics; see cells/TASK/CELL/train.log.", ""]
     with open(os.path.join(out_dir, "results.md.tmp"), "w") as f:
@@ -311,6 +335,8 @@ def bar_chart(path: str, task: str, rows: list[dict], metrics: tuple) -> str:
                                                                       else "#3a7" for x in rows])
         for i, v in enumerate(values):
             ax.text(v or 0.0, i, f" {_fmt(v)}", va="center", fontsize=7)
+        top = max([v for v in values if v is not None] or [0.0])
+        ax.set_xlim(0, top * 1.3 if top > 0 else 1.0)  # an all-zero metric still reads as zero, not as a tiny axis
         ax.set_title(m, fontsize=9)
         ax.tick_params(labelsize=7)
     axes[0].set_yticks(range(len(rows)), labels)
