@@ -61,6 +61,15 @@ def test_greedy_batch_equals_stepwise_argmax_and_beam_one(setup):
     assert greedy == generate(model, tok, items, max_new_tokens=12)  # deterministic
     assert greedy == generate(model, tok, items, max_new_tokens=12, num_beams=1)
     assert greedy == [_argmax_decode(model, tok, it, 12) for it in items]
+    # the model comes back as it was: training kernel and mode (generation itself runs on plain sdpa)
+    model._base().set_attn_implementation("sdpa_varlen")
+    model.train()
+    try:
+        assert generate(model, tok, items, max_new_tokens=12) == greedy
+        assert model._base().config._attn_implementation == "sdpa_varlen" and model.training
+    finally:
+        model._base().set_attn_implementation("sdpa")
+        model.eval()
 
 
 def test_cli_writes_ordered_predictions_that_evaluate_reads(setup, tmp_path):

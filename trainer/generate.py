@@ -24,12 +24,22 @@ import torch
 @torch.no_grad()
 def generate(model, tok, items: list[dict], max_new_tokens: int = 128, num_beams: int = 1) -> list[str]:
     """Decoded answers for dataset items (trainer.instructions), in order; the answer part is ignored."""
-    from torch_geometric.data import Batch
-
     base = model._base()
-    if base.config._attn_implementation != "sdpa":
+    impl, was_training = base.config._attn_implementation, model.training
+    if impl != "sdpa":  # the packed-training kernels need sample boundaries, which a KV cache does not have
         base.set_attn_implementation("sdpa")
     model.eval()
+    try:
+        return _generate(model, tok, items, max_new_tokens, num_beams)
+    finally:  # the caller's model comes back as it was (attention kernel, train/eval mode)
+        if impl != "sdpa":
+            base.set_attn_implementation(impl)
+        model.train(was_training)
+
+
+def _generate(model, tok, items, max_new_tokens, num_beams):
+    from torch_geometric.data import Batch
+
     prompts = [torch.as_tensor(it["input_ids"][: it["num_prompt"]]) for it in items]
     width = max(len(p) for p in prompts)
     device = next(model.lm_head.parameters()).device  # a plain head or its row blocks (vocab_chunks)
