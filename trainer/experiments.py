@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from graph.atomic import atomic_write_json, atomic_writer
+
 from .config import ConfigError, apply_overrides, from_dict, load_yaml
 from .projector import LEVELS, REDUCTIONS
 
@@ -183,6 +185,11 @@ def _launcher(launch: str | None) -> list[str]:
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", _path(launch, "launch")]
 
 
+def train_key(recipe: dict, launch: str | None) -> str:
+    """What makes two training runs the same run: the whole run recipe and the launch file."""
+    return _key({"run": recipe, "launch": launch})
+
+
 def train_run(recipe: dict, folder: str, launch: str | None) -> dict:
     """`trainer/run.py` on the recipe in a subprocess (log in FOLDER/train.log); its JSON summary.
     The same recipe resumes from its last checkpoint (a finished run returns at once); another recipe
@@ -190,7 +197,7 @@ def train_run(recipe: dict, folder: str, launch: str | None) -> dict:
     import shutil
 
     os.makedirs(folder, exist_ok=True)
-    key, key_file = _key({"run": recipe, "launch": launch}), os.path.join(folder, "train_key")
+    key, key_file = train_key(recipe, launch), os.path.join(folder, "train_key")
     if not os.path.exists(key_file) or open(key_file).read() != key:
         shutil.rmtree(recipe["run_dir"], ignore_errors=True)
         with open(key_file, "w") as f:
@@ -237,15 +244,8 @@ def run_cell(r: Recipe, task: str, cell: dict, recipe: dict, test: str, key: str
                   "eval_s": round(time.time() - t1, 1), "metrics": metrics}
     except Exception as e:  # one broken cell is reported and retried later; the study goes on
         result = {**base, "status": "failed", "error": f"{type(e).__name__}: {e}", "metrics": {}}
-    _write_json(os.path.join(folder, "result.json"), result)
+    atomic_write_json(result, os.path.join(folder, "result.json"))
     return result
-
-
-def _write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 def _read_json(path: str) -> dict | None:
@@ -300,13 +300,11 @@ def write_reports(out_dir: str, results: list[dict], scale: str) -> dict:
     """results.csv, results.md and one bar chart per task; returns their paths."""
     metric_names = sorted({k for x in results for k in x["metrics"]})
     fixed = ["task", "cell", "reduction", "levels", "use_graph", "use_selfies", "status", "steps", "train_loss", "n_eval"]
-    tmp = os.path.join(out_dir, "results.csv.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_writer(os.path.join(out_dir, "results.csv")) as f:
         w = csv.writer(f)
         w.writerow(fixed + metric_names)
         for x in results:
             w.writerow([x.get(c, "") for c in fixed] + [x["metrics"].get(m, "") for m in metric_names])
-    os.replace(tmp, os.path.join(out_dir, "results.csv"))
     parts = ["# Graph level x token reduction study", "", scale, ""]
     charts = {}
     for task in dict.fromkeys(x["task"] for x in results):
@@ -316,9 +314,8 @@ def write_reports(out_dir: str, results: list[dict], scale: str) -> dict:
         parts += [f"- {line}" for line in compare(rows, HEADLINE.get(task, tuple(names[:2]))[:2])] + [""]
         charts[task] = bar_chart(os.path.join(out_dir, f"{task}.png"), task, rows, HEADLINE.get(task, tuple(names[:4])))
     parts += ["Cells that failed list `failed` and no metrics; see cells/TASK/CELL/train.log.", ""]
-    with open(os.path.join(out_dir, "results.md.tmp"), "w") as f:
+    with atomic_writer(os.path.join(out_dir, "results.md")) as f:
         f.write("\n".join(parts))
-    os.replace(os.path.join(out_dir, "results.md.tmp"), os.path.join(out_dir, "results.md"))
     return {"csv": os.path.join(out_dir, "results.csv"), "markdown": os.path.join(out_dir, "results.md"), "charts": charts}
 
 
@@ -343,9 +340,8 @@ def bar_chart(path: str, task: str, rows: list[dict], metrics: tuple) -> str:
     axes[0].invert_yaxis()
     fig.suptitle(f"{task}: held-out metrics per cell (grey: controls)", fontsize=10)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    with atomic_writer(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
     return path
 
 
@@ -391,7 +387,7 @@ def run(r: Recipe) -> dict:
     export = os.path.join(s1["run_dir"], "align", "export")
     plan = [(t, c, cell_recipe(r, t, c, folders[t]["train"], export)) for t in r.tasks for c in grid]
     validate_runs([s1] + [rec for _, _, rec in plan])  # every run's recipe, before any training
-    s1_key = _key({"run": s1, "launch": r.launch})
+    s1_key = train_key(s1, r.launch)
     s1_done = _read_json(os.path.join(r.out_dir, "stage1", "result.json"))
     if s1_done and s1_done.get("key") == s1_key and os.path.isdir(export):
         stage1 = s1_done
@@ -400,7 +396,7 @@ def run(r: Recipe) -> dict:
         print("[experiments] stage 1 (projector alignment)", file=sys.stderr)
         m = train_run(s1, os.path.join(r.out_dir, "stage1"), r.launch)["stages"]["align"]
         stage1 = {"key": s1_key, "steps": m["steps"], "loss": m.get("loss"), "export": m["export"]}
-        _write_json(os.path.join(r.out_dir, "stage1", "result.json"), stage1)
+        atomic_write_json(stage1, os.path.join(r.out_dir, "stage1", "result.json"))
     scale = scale_line(r, stage1, folders)
     print(f"[experiments] {len(plan)} cells ({len(r.tasks)} tasks x {len(grid)}). {scale}", file=sys.stderr)
     results, ran, skipped = [], 0, 0

@@ -42,7 +42,7 @@ def _generate(model, tok, items, max_new_tokens, num_beams):
 
     prompts = [torch.as_tensor(it["input_ids"][: it["num_prompt"]]) for it in items]
     width = max(len(p) for p in prompts)
-    device = next(model.lm_head.parameters()).device  # a plain head or its row blocks (vocab_chunks)
+    device = model.device
     ids = torch.full((len(items), width), tok.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(items), width), dtype=torch.long)
     for i, p in enumerate(prompts):

@@ -74,13 +74,17 @@ class MultimodalLM(nn.Module):
     def lm_head(self):
         return self._base().get_output_embeddings()
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.lm_head.parameters()).device  # a plain head or its row blocks (vocab_chunks)
+
     # -- graph tokens ----------------------------------------------------------------------------------
     def graph_tokens(self, graphs, num_mols: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(projected graph tokens of every molecule of the batch, molecule after molecule; a zero scalar
         tied to the encoder and projector outputs)."""
         stand_in = graphs is None
         if stand_in:
-            graphs, num_mols = _stand_in_graph().to(next(self.lm_head.parameters()).device), 1
+            graphs, num_mols = _stand_in_graph().to(self.device), 1
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoder):
             enc = self.encoder(graphs)
         tokens, _ = self.projector(enc, num_mols)

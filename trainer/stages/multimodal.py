@@ -168,10 +168,10 @@ def build_model(cfg: Config, run_dir: str, stage: str, tok, seed: int):
     if cfg.llm.vocab_chunks:
         from ..vocab_chunks import chunk_vocab
 
-        vocab = lm.config.vocab_size
-        if cfg.llm.vocab_chunks > vocab:
-            raise ConfigError(f"{stage}.llm.vocab_chunks: at most the vocabulary size ({vocab}), got {cfg.llm.vocab_chunks}")
-        chunk_vocab(lm, cfg.llm.vocab_chunks)
+        try:
+            chunk_vocab(lm, cfg.llm.vocab_chunks)
+        except ValueError as e:  # more blocks than vocabulary rows
+            raise ConfigError(f"{stage}.llm.vocab_chunks: {e}") from None
     if cfg.llm.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     enc_dir = _auto(cfg.init_encoder, [os.path.join(run_dir, s, "encoder") for s in ("encoder_contrastive", "encoder_ssl")])
