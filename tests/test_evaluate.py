@@ -1,5 +1,6 @@
 """trainer.metrics and `python -m trainer.evaluate`: hand-computed cases on real RDKit / NLTK / rouge-score,
-both file layouts, clear errors, and (slow) MolT5's own ChEBI-20 test outputs against the MolT5 paper."""
+both file layouts, clear errors, the default keys against a plain re-implementation of MolT5's scripts on
+MolT5's own outputs (shipped sample; slow: the full ChEBI-20 test files), and the grounding task."""
 import json
 import math
 import os
@@ -17,36 +18,54 @@ if not os.path.isdir(MOLT5):
 L_ALA, D_ALA = "C[C@H](N)C(=O)O", "C[C@@H](N)C(=O)O"
 
 
-def mm(targets, outputs, fmt="auto", canonical=True):
-    return M.molecule_metrics(targets, outputs, fmt, canonical=canonical)
+def mm(targets, outputs, fmt="auto"):
+    return M.molecule_metrics(targets, outputs, fmt)
+
+
+def dp_levenshtein(a, b):
+    """Plain dynamic-programming edit distance (python-Levenshtein's `distance`, which MolT5 calls)."""
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
 
 
 # ---------------------------------------------------------------------------------------------- molecules
 
 def test_identical_molecules_written_differently():
     r = mm(["Oc1ccccc1", "N[C@@H](C)C(=O)O"], ["c1ccccc1O", L_ALA])  # same phenol; same L-alanine
-    assert r == {"exact_match": 1.0, "bleu": 1.0, "levenshtein": 0.0, "validity": 1.0,
-                 "maccs_fts": 1.0, "rdk_fts": 1.0, "morgan_fts": 1.0}
-    raw = mm(["Oc1ccccc1"], ["c1ccccc1O"], canonical=False)  # MolT5's raw strings: move the O = 2 edits
-    assert raw["levenshtein"] == 2.0 and raw["bleu"] < 1.0 and raw["exact_match"] == 1.0
+    assert {k: r[k] for k in ("exact_match", "bleu_canonical", "levenshtein_canonical", "validity",
+                              "validity_nonempty", "maccs_fts", "rdk_fts", "morgan_fts")} == {
+        "exact_match": 1.0, "bleu_canonical": 1.0, "levenshtein_canonical": 0.0, "validity": 1.0,
+        "validity_nonempty": 1.0, "maccs_fts": 1.0, "rdk_fts": 1.0, "morgan_fts": 1.0}
+    # the default string keys are MolT5's, on the strings as produced: moving the O is 2 edits
+    assert r["levenshtein"] == (2 + dp_levenshtein("N[C@@H](C)C(=O)O", L_ALA)) / 2 and r["bleu"] < 1.0
 
 
 def test_invalid_and_empty_outputs_count_as_wrong_but_not_in_fts():
     pairs = M.parse_molecules(["CCO", "c1ccccc1", "CCCCO"], ["OCC", "C1CC", ""])  # ok, unclosed ring, empty
-    assert [p.output_mol is None for p in pairs] == [False, True, True]
+    assert [p.output_mol is None for p in pairs] == [False, True, False]  # RDKit parses "" (empty molecule)
     assert M.exact_match(pairs) == pytest.approx(1 / 3)  # denominator: all 3 rows
-    assert M.validity(pairs) == pytest.approx(1 / 3)
-    # FTS averages over the one valid output (1.0); counting invalid rows as 0 would give 1/3
-    assert M.maccs_fts(pairs) == M.rdk_fts(pairs) == M.morgan_fts(pairs) == 1.0
-    # Levenshtein over all rows: 0; "c1ccccc1"->"C1CC" 3 substitutions + 4 deletions; "CCCCO"->"" 5
-    assert M.levenshtein(pairs) == pytest.approx((0 + 7 + 5) / 3)
-    none_valid = M.parse_molecules(["CCO", "CCN"], ["", "xyz"])
+    assert M.validity(pairs) == pytest.approx(2 / 3)  # MolT5: the empty output parses, so it is "valid"
+    assert M.validity_nonempty(pairs) == pytest.approx(1 / 3)  # ours: an empty answer is invalid
+    # FTS averages over the valid outputs, the empty one included with similarity 0 (as MolT5): (1 + 0) / 2;
+    # counting the invalid row as 0 would give 1/3
+    assert M.maccs_fts(pairs) == M.rdk_fts(pairs) == M.morgan_fts(pairs) == 0.5
+    # Levenshtein over all rows: "CCO"->"OCC" 2 as produced, 0 canonical; "c1ccccc1"->"C1CC" 3
+    # substitutions + 4 deletions; "CCCCO"->"" 5
+    assert M.levenshtein(pairs) == pytest.approx((2 + 7 + 5) / 3)
+    assert M.levenshtein(pairs, canonical=True) == pytest.approx((0 + 7 + 5) / 3)
+    none_valid = M.parse_molecules(["CCO", "CCN"], ["xyz", "C1CC"])
     assert M.validity(none_valid) == 0.0 and M.maccs_fts(none_valid) == 0.0 and M.exact_match(none_valid) == 0.0
 
 
 def test_invalid_target_is_never_a_match():
-    pairs = M.parse_molecules(["C1CC", "CCO"], ["C1CC", "CCO"])
-    assert M.exact_match(pairs) == 0.5 and M.validity(pairs) == 0.5
+    pairs = M.parse_molecules(["C1CC", "CCO", "CCO"], ["C1CC", "CCO", ""])
+    assert M.exact_match(pairs) == pytest.approx(1 / 3) and M.validity(pairs) == pytest.approx(2 / 3)
+    pairs = pairs[:2]
     assert M.morgan_fts(pairs) == 1.0  # only the row with both molecules valid
 
 
@@ -76,15 +95,7 @@ def test_char_bleu_hand_computed():
 def test_edit_distance_matches_dynamic_programming():
     import random
 
-    def dp(a, b):
-        prev = list(range(len(b) + 1))
-        for i, ca in enumerate(a, 1):
-            cur = [i]
-            for j, cb in enumerate(b, 1):
-                cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-            prev = cur
-        return prev[-1]
-
+    dp = dp_levenshtein
     assert M.edit_distance("kitten", "sitting") == 3
     rng = random.Random(0)
     for _ in range(300):
@@ -99,12 +110,19 @@ def test_selfies_and_smiles_inputs_give_the_same_metrics():
     targets = ["CCO", "CC(=O)[O-].[Na+]", L_ALA, "CCCCCCO", "CCCCO", "c1ccccc1"]
     outputs = ["OCC", "[Na+].CC(=O)[O-]", D_ALA, "CCCCCCCO", "", "C1=CC=CC=C1"]
     enc = lambda s: selfies.encoder(s) if s else ""  # noqa: E731
+    # the string keys compare the SMILES as produced, which SELFIES decoding rewrites (kekulised benzene):
+    # every other key, and the canonical string keys, are the same whatever the format
+    same = lambda r: {k: v for k, v in r.items() if k not in ("bleu", "levenshtein")}  # noqa: E731
     ref = mm(targets, outputs, "smiles")
-    assert ref["exact_match"] == pytest.approx(3 / 6) and ref["validity"] == pytest.approx(5 / 6)
+    assert ref["exact_match"] == pytest.approx(3 / 6) and ref["validity"] == pytest.approx(6 / 6)
+    assert ref["validity_nonempty"] == pytest.approx(5 / 6)
     for fmt in ("selfies", "auto"):
-        assert mm([enc(t) for t in targets], [enc(o) for o in outputs], fmt) == ref
+        assert same(mm([enc(t) for t in targets], [enc(o) for o in outputs], fmt)) == same(ref)
     # auto decides per string: mixed SMILES/SELFIES rows too
-    assert mm(targets, [enc(o) if i % 2 else o for i, o in enumerate(outputs)], "auto") == ref
+    assert same(mm(targets, [enc(o) if i % 2 else o for i, o in enumerate(outputs)], "auto")) == same(ref)
+    # as produced = the decoded SELFIES: "[C][C][O]" is scored as "CCO"
+    decoded = mm([enc("CCCCCCO")], [enc("CCCCCCCO")], "selfies")
+    assert decoded["bleu"] == pytest.approx(0.5 ** 0.25) and decoded["levenshtein"] == 1.0
 
 
 def test_selfies_detection_and_failures():
@@ -116,6 +134,7 @@ def test_selfies_detection_and_failures():
     assert M.to_smiles("[C][Xyz]", "selfies") is None      # undecodable in selfies mode: invalid row
     r = mm(["[C][C][O]", "[C][C][O]"], ["[C][Xyz]", "[O][C][C]"], "selfies")
     assert r["validity"] == 0.5 and r["exact_match"] == 0.5
+    assert r["levenshtein"] == (3 + 2) / 2  # an undecodable output is scored as "" ("CCO" vs "OCC": 2)
     with pytest.raises(ValueError):
         M.to_smiles("CCO", "inchi")
 
@@ -223,8 +242,11 @@ ROWS = [  # description (MolT5 caption2smiles layout), ground truth, output
     ("benzene", "c1ccccc1", "C1CC"),
     ("butanol", "CCCCO", ""),
 ]
-EXPECTED = {"exact_match": 0.4, "validity": 0.6, "maccs_fts": 1.0, "rdk_fts": 1.0, "morgan_fts": 1.0,
-            "levenshtein": (0 + 0 + 1 + 7 + 5) / 5}
+EXPECTED = {"exact_match": 0.4, "validity": 0.8, "validity_nonempty": 0.6, "maccs_fts": 0.75, "rdk_fts": 0.75,
+            "morgan_fts": 0.75, "levenshtein_canonical": (0 + 0 + 1 + 7 + 5) / 5,
+            "levenshtein": sum(dp_levenshtein(t, o) for _, t, o in ROWS) / 5}
+MOLECULE_KEYS = {"exact_match", "bleu", "levenshtein", "validity", "maccs_fts", "rdk_fts", "morgan_fts",
+                 "bleu_canonical", "levenshtein_canonical", "validity_nonempty"}
 
 
 def write_tsv(path, rows, header=("description", "ground truth", "output")):
@@ -252,11 +274,15 @@ def test_cli_tsv_molt5_layout_subprocess(tmp_path):
             "--out", str(out), timeout=120)
     assert p.returncode == 0, p.stderr
     r = last_json(p.stdout)
-    assert set(r) == {"exact_match", "bleu", "levenshtein", "validity", "maccs_fts", "rdk_fts", "morgan_fts"}
+    assert set(r) == MOLECULE_KEYS | {"semantics"} and set(r["semantics"]) == MOLECULE_KEYS
     for k, v in EXPECTED.items():
         assert r[k] == pytest.approx(v), k
-    assert 0.0 < r["bleu"] < 1.0
+    assert 0.0 < r["bleu"] < r["bleu_canonical"] < 1.0
     assert json.loads(out.read_text()) == r
+    # the JSON names the formula of each key: MolT5's script for the defaults, m3mol for the variants
+    assert r["semantics"]["bleu"].startswith("MolT5 evaluation/mol_translation_metrics.py")
+    assert r["semantics"]["validity"].startswith("MolT5 evaluation/fingerprint_metrics.py")
+    assert r["semantics"]["bleu_canonical"].startswith("m3mol")
 
 
 def test_cli_jsonl_layout_gives_the_same_metrics(tmp_path, capsys):
@@ -274,7 +300,7 @@ def test_cli_selfies_file(tmp_path, capsys):
     assert ev.main(["--task", "reagent", "--predictions", write_jsonl(tmp_path / "s.jsonl", rows),
                     "--molecule-format", "selfies"]) == 0
     r = last_json(capsys.readouterr().out)
-    for k in ("exact_match", "validity", "maccs_fts", "rdk_fts", "morgan_fts"):
+    for k in ("exact_match", "validity", "validity_nonempty", "maccs_fts", "rdk_fts", "morgan_fts"):
         assert r[k] == pytest.approx(EXPECTED[k]), k
 
 
@@ -284,8 +310,9 @@ def test_cli_property_jsonl_with_numbers(tmp_path, capsys):
         {"target": -0.25, "prediction": "-0.20"}, {"target": "1.5", "prediction": "no idea"},
         {"target": 3, "prediction": "2.5 eV"}]) + "\n")
     assert ev.main(["--task", "property", "--predictions", str(path)]) == 0
-    assert last_json(capsys.readouterr().out) == {"mae": pytest.approx(0.275), "parsed": pytest.approx(2 / 3),
-                                                  "total": 3}
+    r = last_json(capsys.readouterr().out)
+    assert set(r.pop("semantics")) == {"mae", "parsed", "total"}
+    assert r == {"mae": pytest.approx(0.275), "parsed": pytest.approx(2 / 3), "total": 3}
 
 
 def test_cli_molcap_smiles2caption_layout(tmp_path, capsys):
@@ -294,7 +321,9 @@ def test_cli_molcap_smiles2caption_layout(tmp_path, capsys):
     path = write_tsv(tmp_path / "cap.txt", rows, header=("SMILES", "ground truth", "output"))
     assert ev.main(["--task", "molcap", "--predictions", path, "--out", str(tmp_path / "o.json")]) == 0
     r = last_json(capsys.readouterr().out)
-    assert set(r) == {"bleu2", "bleu4", "rouge1", "rouge2", "rougeL", "meteor"}
+    sem = r.pop("semantics")
+    assert set(r) == set(sem) == {"bleu2", "bleu4", "rouge1", "rouge2", "rougeL", "meteor"}
+    assert "bert-base-uncased" in sem["bleu2"] and "scibert" in sem["bleu2"]  # the stand-in vocabulary named
     assert all(0.0 < v < 1.0 for v in r.values())
     # ROUGE-1 per row: 1.0, then 4 shared of 5 / 7 tokens (quotes and '.' dropped): 2*4/(5+7)
     assert r["rouge1"] == pytest.approx((1 + 8 / 12) / 2)
@@ -358,7 +387,177 @@ def test_molt5_large_caption2smiles_against_paper():
     pairs = M.parse_molecules(targets, outputs, "smiles")
     assert M.validity(pairs) == pytest.approx(3163 / 3300)
     assert M.exact_match(pairs) == pytest.approx(1050 / 3300)
-    assert abs(M.bleu(pairs, canonical=False) - 0.854) < 0.01          # MolT5: raw strings
-    assert abs(M.levenshtein(pairs, canonical=False) - 16.07) < 0.5
-    assert M.bleu(pairs) == pytest.approx(0.8234, abs=1e-3)               # ours: RDKit canonical SMILES
-    assert M.levenshtein(pairs) == pytest.approx(18.309, abs=1e-2)
+    assert abs(M.bleu(pairs) - 0.854) < 0.01                       # default: MolT5's strings as produced
+    assert abs(M.levenshtein(pairs) - 16.07) < 0.5
+    assert M.bleu(pairs) == pytest.approx(0.8579, abs=1e-4) and M.levenshtein(pairs) == pytest.approx(15.957, abs=1e-3)
+    assert M.bleu(pairs, canonical=True) == pytest.approx(0.8234, abs=1e-3)  # bleu_canonical
+    assert M.levenshtein(pairs, canonical=True) == pytest.approx(18.309, abs=1e-2)
+
+
+# ---------------------------------------------------------------------------------------------- MolT5's formulas
+
+SAMPLE = os.path.join(ROOT, "data", "molt5_sample")
+
+
+def molt5_reference(path):
+    """MolT5's mol_translation_metrics.py + fingerprint_metrics.py, re-done plainly: the TSV as
+    csv.DictReader(QUOTE_NONE) reads it, NLTK corpus_bleu over character lists, a DP Levenshtein, InChI
+    equality in try/except, fingerprints over the rows whose output RDKit parses."""
+    import csv
+
+    from nltk.translate.bleu_score import corpus_bleu
+    from rdkit import Chem, DataStructs
+    from rdkit.Chem import MACCSkeys, rdFingerprintGenerator
+
+    with open(path) as f:
+        rows = [(r["ground truth"], r["output"]) for r in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
+    bleu = corpus_bleu([[list(gt)] for gt, _ in rows], [list(out) for _, out in rows])
+    exact = 0
+    for gt, out in rows:
+        try:
+            exact += Chem.MolToInchi(Chem.MolFromSmiles(out)) == Chem.MolToInchi(Chem.MolFromSmiles(gt))
+        except Exception:
+            pass
+    valid = [(Chem.MolFromSmiles(gt), Chem.MolFromSmiles(out)) for gt, out in rows
+             if Chem.MolFromSmiles(out) is not None]
+    morgan = rdFingerprintGenerator.GetMorganGenerator(radius=2)  # == AllChem.GetMorganFingerprint(m, 2)
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    return len(rows), {
+        "bleu": bleu, "exact_match": exact / len(rows),
+        "levenshtein": mean([dp_levenshtein(out, gt) for gt, out in rows]),
+        "validity": len(valid) / len(rows),
+        "maccs_fts": mean([DataStructs.TanimotoSimilarity(MACCSkeys.GenMACCSKeys(g), MACCSkeys.GenMACCSKeys(o))
+                           for g, o in valid]),
+        "rdk_fts": mean([DataStructs.TanimotoSimilarity(Chem.RDKFingerprint(g), Chem.RDKFingerprint(o))
+                         for g, o in valid]),
+        "morgan_fts": mean([DataStructs.TanimotoSimilarity(morgan.GetSparseCountFingerprint(g),
+                                                           morgan.GetSparseCountFingerprint(o)) for g, o in valid]),
+    }
+
+
+def test_default_molecule_keys_are_molt5s_on_its_outputs(capsys):
+    """The shipped sample (first 200 rows of MolT5-large caption2smiles): every default key equals MolT5's
+    formula; the canonical variants differ (RDKit rewrites the strings)."""
+    path = os.path.join(SAMPLE, "molt5-large-caption2smiles.txt")
+    n, ref = molt5_reference(path)
+    assert n == 200 and 0.9 < ref["validity"] < 1.0  # the sample has invalid outputs
+    assert ev.main(["--task", "forward", "--predictions", path, "--molecule-format", "smiles"]) == 0
+    r = last_json(capsys.readouterr().out)
+    for k, v in ref.items():
+        assert r[k] == pytest.approx(v, rel=1e-12, abs=1e-12), k
+    assert r["bleu_canonical"] < r["bleu"] and r["levenshtein_canonical"] > r["levenshtein"]
+
+
+def test_default_caption_keys_are_molt5s_on_its_outputs(bert, capsys):
+    """MolT5's text_translation_metrics.py step by step (tokenize with padding='max_length', specials
+    filtered, corpus_bleu, meteor_score, RougeScorer.score(out, gt)) on 100 MolT5-large captions."""
+    import csv
+
+    import numpy as np
+    from nltk.translate.bleu_score import corpus_bleu
+    from nltk.translate.meteor_score import meteor_score
+    from rouge_score import rouge_scorer
+
+    path = os.path.join(SAMPLE, "molt5-large-smiles2caption.txt")
+    with open(path, encoding="utf8") as f:
+        rows = [(r["ground truth"], r["output"][6:] if r["output"].startswith("[CLS] ") else r["output"])
+                for r in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
+    assert len(rows) == 100
+
+    def pieces(text):
+        toks = bert.tokenize(text, truncation=True, max_length=512, padding="max_length")
+        return [t for t in toks if t not in ("[PAD]", "[CLS]", "[SEP]")]
+
+    refs, hyps = [[pieces(gt)] for gt, _ in rows], [pieces(out) for _, out in rows]
+    wn = M.ensure_wordnet()
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"])
+    rs = [scorer.score(out, gt) for gt, out in rows]
+    ref = {"bleu2": corpus_bleu(refs, hyps, weights=(.5, .5)), "bleu4": corpus_bleu(refs, hyps),
+           "meteor": np.mean([meteor_score(r, h, wordnet=wn) for r, h in zip(refs, hyps)]),
+           **{k: np.mean([x[k].fmeasure for x in rs]) for k in ("rouge1", "rouge2", "rougeL")}}
+    assert ev.main(["--task", "molcap", "--predictions", path]) == 0
+    r = last_json(capsys.readouterr().out)
+    for k, v in ref.items():
+        assert r[k] == pytest.approx(float(v), rel=1e-9), k
+
+
+def test_old_string_metrics_flag_is_accepted_and_changes_nothing(tmp_path, capsys):
+    path = write_tsv(tmp_path / "p.tsv", ROWS)
+    assert ev.main(["--task", "forward", "--predictions", path]) == 0
+    plain = last_json(capsys.readouterr().out)
+    assert ev.main(["--task", "forward", "--predictions", path, "--string-metrics", "canonical"]) == 0
+    out = capsys.readouterr()
+    assert last_json(out.out) == plain and "no longer needed" in out.err
+
+
+def test_every_key_is_documented():
+    for k in (MOLECULE_KEYS | {"bleu2", "bleu4", "rouge1", "rouge2", "rougeL", "meteor", "mae", "parsed", "total"}
+              | set(M.grounding_metrics(["Yes"], ["yes"]))):
+        assert k in M.SEMANTICS, k
+
+
+# ---------------------------------------------------------------------------------------------- grounding
+
+def g(qt, kind):
+    return {"task": "grounding", "question_type": qt, "answer_kind": kind}
+
+
+def test_grounding_yesno_counts_unparseable_and_chance():
+    targets = ["Yes", "Yes", "No", "Yes", "3", "3", "1", "2.35", "-0.50", "1.00"]
+    outputs = ["yes, it has one.", "The answer is No.", "NO!", "I cannot tell", "There are 3 rings", "2.5",
+               "one", "about 2.0", "-0.4", "n/a"]
+    metas = [g("has_carboxylic_acid", "yesno")] * 4 + [g("count_rings", "count")] * 3 + [g("property_logp", "number")] * 3
+    r = M.grounding_metrics(targets, outputs, metas)
+    # yes/no: right, wrong ("No"), right ("NO!"), unparseable -> 2 of 4; counts: 3 right, "2.5" is not a
+    # count, "one" unparseable -> 1 of 3
+    assert r["yesno_accuracy"] == 0.5 and r["count_accuracy"] == pytest.approx(1 / 3)
+    assert r["accuracy"] == pytest.approx(3 / 7)
+    # chance: "Yes" is 3 of 4; "3" is 2 of 3; row-weighted (3 + 2) / 7
+    assert r["chance_yesno_accuracy"] == 0.75 and r["chance_count_accuracy"] == pytest.approx(2 / 3)
+    assert r["chance_accuracy"] == pytest.approx(5 / 7)
+    # numbers: rows 1-2 parse: |2.35 - 2.0|, |-0.5 + 0.4|; the median target 1.0 scores |2.35-1|, |-0.5-1|
+    assert r["number_mae"] == pytest.approx((0.35 + 0.1) / 2)
+    assert r["number_chance_mae"] == pytest.approx((1.35 + 1.5) / 2)
+    # parsed: yes/no 3, counts 1 ("2.5" and "one" fail), numbers 2 of 3
+    assert r["parsed"] == pytest.approx(6 / 10) and r["total"] == 10
+    assert (r["yesno_rows"], r["count_rows"], r["number_rows"]) == (4, 3, 3)
+    assert r["per_question_type"] == {
+        "has_carboxylic_acid": {"rows": 4, "accuracy": 0.5, "chance": 0.75},
+        "count_rings": {"rows": 3, "accuracy": pytest.approx(1 / 3), "chance": pytest.approx(2 / 3)},
+        "property_logp": {"rows": 3, "mae": pytest.approx(0.225), "chance": pytest.approx(1.425)}}
+
+
+def test_grounding_infers_kinds_and_types_without_metadata():
+    r = M.grounding_metrics(["Yes", "No", "No", "4", "0.25"], ["Yes", "no", "yes", "4", "0.5"])
+    assert (r["yesno_rows"], r["count_rows"], r["number_rows"]) == (3, 1, 1)
+    assert set(r["per_question_type"]) == {"yesno", "count", "number"}  # the kind is the type
+    assert r["yesno_accuracy"] == pytest.approx(2 / 3) and r["chance_yesno_accuracy"] == pytest.approx(2 / 3)
+    assert r["count_accuracy"] == 1.0 and r["number_mae"] == pytest.approx(0.25)
+    # per type majority, row-weighted: two yes/no types with opposite majorities each score their own
+    two = M.grounding_metrics(["Yes", "Yes", "No", "No", "No", "Yes"], ["x"] * 6,
+                              [g("a", "yesno")] * 3 + [g("b", "yesno")] * 3)
+    assert two["chance_accuracy"] == pytest.approx((2 + 2) / 6) and two["accuracy"] == 0.0
+    only = M.grounding_metrics(["Yes"], ["no"])  # kinds with no rows are null
+    assert only["count_accuracy"] is None and only["number_mae"] is None and only["chance_count_accuracy"] is None
+
+
+def test_cli_grounding_reads_metadata_from_jsonl_and_tsv(tmp_path, capsys):
+    rows = [{"target": "Yes", "prediction": "Yes.", "metadata": g("has_ring", "yesno")},
+            {"target": "No", "prediction": "yes", "metadata": json.dumps(g("has_ring", "yesno"))},  # shard form
+            {"target": "2", "prediction": "2", "question_type": "count_rings"},  # top-level question type
+            {"target": "1", "prediction": "0"}]
+    path = tmp_path / "g.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in rows))
+    assert ev.main(["--task", "grounding", "--predictions", str(path)]) == 0
+    r = last_json(capsys.readouterr().out)
+    assert set(r["per_question_type"]) == {"has_ring", "count_rings", "count"}
+    assert r["accuracy"] == 0.5 and r["per_question_type"]["has_ring"]["accuracy"] == 0.5
+    assert "number_mae" in r["semantics"] and r["number_mae"] is None
+    tsv = write_tsv(tmp_path / "g.tsv", [("count_rings", "2", "2"), ("count_rings", "2", "3"), ("has_ring", "Yes", "no")],
+                    header=("question_type", "ground truth", "output"))
+    assert ev.main(["--task", "grounding", "--predictions", tsv]) == 0
+    r = last_json(capsys.readouterr().out)
+    assert r["per_question_type"]["count_rings"] == {"rows": 2, "accuracy": 0.5, "chance": 1.0}
+    (tmp_path / "bad.jsonl").write_text('{"target": "Yes", "prediction": "no", "metadata": "{not json"}\n')
+    assert ev.main(["--task", "grounding", "--predictions", str(tmp_path / "bad.jsonl")]) == 2
+    assert "metadata is not a JSON object" in capsys.readouterr().err

