@@ -28,7 +28,7 @@ from graph.atomic import atomic_writer
 from graph.chem import Limits, Reject, Standardizer
 from graph.formats import InputError
 
-TASKS = ("molcap", "forward", "retrosynthesis", "reagent", "property")
+TASKS = ("molcap", "forward", "retrosynthesis", "reagent", "property", "grounding")  # grounding: trainer/grounding.py
 NO_REAGENTS = "no_reagents"
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # QM9 rows carry coordinates and frequencies
 
@@ -281,6 +281,10 @@ def run(task: str, path: str, output: str, limit: int | None = None, properties:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["grounding"]:  # its own options (sources, held-out split, sampling)
+        from .grounding import main as grounding_main
+        return grounding_main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m trainer.converters", description=__doc__.split("\n")[0])
     p.add_argument("task", choices=TASKS)
     p.add_argument("--input", default=None, help="source file (property: QM9 folder or CSV, default qm9pack's)")
