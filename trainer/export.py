@@ -78,18 +78,12 @@ def save_export(model, tokenizer, folder: str, meta: dict, accelerator) -> str:
     return folder
 
 
-@contextlib.contextmanager
 def _whole_model_loading():
     """Load whole models even inside a ZeRO-3 run (transformers would otherwise partition them with
     deepspeed.zero.Init, a collective that hangs when only the main process loads)."""
-    from transformers.integrations import deepspeed as hf_ds
+    from .llm import _without_hf_zero3
 
-    saved = hf_ds._hf_deepspeed_config_weak_ref
-    hf_ds._hf_deepspeed_config_weak_ref = None
-    try:
-        yield
-    finally:
-        hf_ds._hf_deepspeed_config_weak_ref = saved
+    return _without_hf_zero3()
 
 
 def resolve(path: str) -> str:
@@ -128,7 +122,7 @@ def _load_export(folder: str, attn_implementation: str | None, dtype: torch.dtyp
     with open(os.path.join(folder, CONFIG_NAME)) as f:
         meta = json.load(f)
     _, lm = load_llm(meta["llm"], dtype=dtype, attn_implementation=attn_implementation or meta["attn_implementation"],
-                     seed=meta.get("llm_seed", 0))
+                     seed=meta.get("llm_seed", 0), zero3=False)
     if os.path.isdir(os.path.join(folder, "adapter")):
         from peft import PeftModel
 
@@ -146,6 +140,10 @@ def dataset_for(meta: dict, folder: str, tok):
     placeholders as its projector's reduction and levels produce."""
     from .instructions import InstructionDataset, PromptConfig
 
+    from .projector import layout_queries
+
     proj = meta.get("projector") or {}
     kw = {k: proj[k] for k in ("reduction", "levels") if k in proj}
-    return InstructionDataset(folder, tok, prompt=PromptConfig(**meta["prompt"]), **kw)
+    tasks = proj.get("tasks") if proj.get("kind") == "dynamic" and proj.get("condition") == "task" else None
+    return InstructionDataset(folder, tok, prompt=PromptConfig(**meta["prompt"]), queries=layout_queries(proj),
+                              tasks=tasks, **kw)

@@ -6,12 +6,19 @@
     tok, lm = load_llm("tiny-random")                  # tests: a 2-layer LLaMA with random weights (seeded,
                                                        # saved once as a folder under the cache)
 
+Under DeepSpeed ZeRO-3 (`zero3=True`, or `zero3_run()` inside an Accelerate DeepSpeed launch) the model is
+built inside `deepspeed.zero.Init`, each module partitioned as soon as it is constructed, and every rank
+then copies only its own slice of each tensor from the memory-mapped safetensors shards (`safe_open`,
+rows read on demand): no rank ever holds a full state dict or the whole model, only its partition plus
+the rows of the one tensor being read. Elsewhere (single process, DDP, ZeRO-2) `from_pretrained` as usual.
+
 The offline SmolLM2-135M-Instruct ships as a Q4_1 GGUF file; dequantising it takes ~25 s, so the first
 load saves it as a normal safetensors folder under the cache (M3MOL_CACHE, default `.cache/` in the
 repository) and later loads read that. `trust_remote_code` stays off unless a caller turns it on.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 
@@ -120,16 +127,185 @@ def tiny_llama_config(vocab_size: int, hidden: int = 64, layers: int = 2, heads:
 
 
 def load_llm(name: str, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
-             trust_remote_code: bool = False, seed: int = 0):
+             trust_remote_code: bool = False, seed: int = 0, zero3: bool | None = None):
     """(tokenizer, causal LM). The embedding matrix is NOT resized for the placeholder: its id is never
-    looked up (trainer.model replaces those positions), so the base model stays byte-identical."""
+    looked up (trainer.model replaces those positions), so the base model stays byte-identical.
+    `zero3=True`: partitioned from construction on, streamed from safetensors (collective: every rank
+    calls it inside the DeepSpeed run); None (default): so inside an Accelerate ZeRO-3 run (`zero3_run`,
+    or transformers' DeepSpeed integration on); False: whole on this process, also inside such a run."""
     from transformers import AutoModelForCausalLM
+    from transformers.integrations import is_deepspeed_zero3_enabled
 
     from .attention import register
 
     register()  # makes attn_implementation="sdpa_varlen" available
     tok = load_tokenizer(name, trust_remote_code)
-    lm = AutoModelForCausalLM.from_pretrained(llm_path(name, seed), dtype=dtype, attn_implementation=attn_implementation,
-                                              trust_remote_code=trust_remote_code)
+    path = llm_path(name, seed)
+    if zero3 or (zero3 is None and (zero3_run() or is_deepspeed_zero3_enabled())):
+        lm = build_zero3(path, dtype, attn_implementation, trust_remote_code)
+    else:
+        with _without_hf_zero3():  # zero3=False: whole, even while a ZeRO-3 run's integration is on
+            lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
+                                                      trust_remote_code=trust_remote_code)
     lm.config.use_cache = False  # training: a cache would also switch off packed-sequence handling
     return tok, lm
+
+
+def zero3_run() -> bool:
+    """True inside an Accelerate-launched DeepSpeed ZeRO-3 run (once the Accelerator exists)."""
+    from accelerate.state import AcceleratorState, is_initialized
+
+    if not is_initialized():
+        return False
+    plugin = AcceleratorState().deepspeed_plugin
+    return plugin is not None and plugin.zero_stage == 3
+
+
+@contextlib.contextmanager
+def _without_hf_zero3():
+    """transformers partitions every from_pretrained / from_config with zero.Init while Accelerate's ZeRO-3
+    config object is alive (a collective: it hangs when one process loads alone); off inside this block."""
+    from transformers.integrations import deepspeed as hf_ds
+
+    saved = hf_ds._hf_deepspeed_config_weak_ref
+    hf_ds._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = saved
+
+
+def _ds_config() -> dict:
+    """The DeepSpeed config zero.Init needs: transformers' copy (Accelerate fills its "auto" batch keys),
+    made from the active Accelerate plugin when the launch file has zero3_init_flag off."""
+    from transformers.integrations import deepspeed_config, is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        return deepspeed_config()
+    from accelerate.state import AcceleratorState, is_initialized
+
+    plugin = AcceleratorState().deepspeed_plugin if is_initialized() else None
+    if plugin is None or plugin.zero_stage != 3:
+        raise RuntimeError("zero3=True needs a DeepSpeed ZeRO-3 run: create the Accelerator (accelerate launch "
+                           "with a zero3 config) before loading the LLM")
+    with plugin.zero3_init_context_manager(enable=True):
+        return deepspeed_config()
+
+
+def build_zero3(path: str, dtype: torch.dtype, attn_implementation: str, trust_remote_code: bool = False):
+    """A causal LM built inside `deepspeed.zero.Init` (each module partitioned as it is constructed, no
+    random init) and filled slice by slice from its safetensors files (`load_partitions`)."""
+    import deepspeed
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+    from transformers.integrations.deepspeed import prevent_arange_dtype_change
+    from transformers.modeling_utils import set_zero3_state
+
+    files = safetensors_files(path)
+    cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    # our own zero.Init with transformers' guards (RoPE buffers keep their dtype; set_zero3_state keeps
+    # from_config from opening a second zero.Init and from re-initialising every module gathered on rank 0)
+    with no_init_weights(), prevent_arange_dtype_change(), \
+            deepspeed.zero.Init(config_dict_or_path=_ds_config(), dtype=dtype), set_zero3_state():
+        lm = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=attn_implementation,
+                                              trust_remote_code=trust_remote_code)
+    lm.tie_weights()
+    load_partitions(lm, files)
+    return lm
+
+
+def safetensors_files(path: str) -> list[str]:
+    """The safetensors weight files of a model folder or (cached) hub id."""
+    import glob
+
+    if not os.path.isdir(path):
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(path, allow_patterns=["*.json", "*.safetensors"])
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"{path}: no *.safetensors weights; the ZeRO-3 build streams safetensors only "
+                                "(convert the checkpoint with save_pretrained(safe_serialization=True))")
+    return files
+
+
+PIECE = 1 << 24  # elements read at once (64 MB in fp32): bounds the copy and the mapped pages of a read
+
+
+def _read_flat(file: str, key: str, lo: int, hi: int, out: torch.Tensor) -> None:
+    """out[:hi - lo] = elements [lo, hi) of the flattened tensor `key` of a safetensors file, read as whole
+    rows in pieces of about PIECE elements. Each piece opens the file anew: the memory map (whose touched
+    pages count as resident while mapped) lives for one piece only."""
+    from safetensors import safe_open
+
+    done = lo
+    while done < hi:
+        with safe_open(file, framework="pt") as f:
+            sl = f.get_slice(key)
+            shape = sl.get_shape()
+            if not shape:  # a scalar
+                out[:1].copy_(f.get_tensor(key).reshape(1))
+                return
+            row = max(1, _numel(shape) // shape[0])
+            r0 = done // row
+            r1 = min(shape[0], max(r0 + 1, -(-min(hi, done + PIECE) // row)))
+            piece = sl[r0:r1].reshape(-1)
+            end = min(hi, r1 * row)
+            out[done - lo:end - lo].copy_(piece[done - r0 * row:end - r0 * row])
+            done = end
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def load_partitions(lm, files: list[str]) -> None:
+    """Copy each rank's slice of every parameter (and each persistent buffer whole) from the safetensors
+    files into a model built inside zero.Init. A rank reads only the elements of its own flat partition
+    (a contiguous range of the stored tensor), so nothing is gathered and no rank ever holds a full
+    state dict: its partition plus one read piece."""
+    from safetensors import safe_open
+
+    from .vocab_chunks import local_range
+
+    where, shapes = {}, {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for k in f.keys():
+                where[k], shapes[k] = file, tuple(f.get_slice(k).get_shape())
+    alias = {}  # tied weights: either name may be the one the file holds
+    for target, source in getattr(lm, "all_tied_weights_keys", {}).items():
+        alias.setdefault(source, []).append(target)
+        alias.setdefault(target, []).append(source)
+    missing = []
+
+    def key_of(name):
+        return next((k for k in [name, *alias.get(name, [])] if k in where), None)
+
+    with torch.no_grad():
+        for name, p in lm.named_parameters():
+            key = key_of(name)
+            if key is None:
+                missing.append(name)
+                continue
+            if shapes[key] != tuple(p.ds_shape):
+                raise ValueError(f"{where[key]}: {key} has shape {shapes[key]}, the model expects {tuple(p.ds_shape)}")
+            start, n, part = local_range(p)
+            lo, hi = min(start, p.ds_numel), min(start + n, p.ds_numel)
+            part.zero_()  # DeepSpeed pads the last rank's partition
+            if hi > lo:
+                _read_flat(where[key], key, lo, hi, part)
+        persistent = set(lm.state_dict())
+        for name, b in lm.named_buffers():
+            if name in persistent:
+                key = key_of(name)
+                if key is None:
+                    missing.append(name)
+                else:
+                    _read_flat(where[key], key, 0, b.numel(), b.view(-1))
+    if missing:
+        raise ValueError(f"{os.path.dirname(files[0])}: {len(missing)} tensors of the model are not in its "
+                         f"safetensors files (first: {missing[:3]}); is it the checkpoint of this architecture?")

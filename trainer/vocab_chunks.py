@@ -71,6 +71,18 @@ def _zero3(w: torch.Tensor) -> bool:
     return hasattr(w, "ds_id")
 
 
+def local_range(w: torch.Tensor) -> tuple[int, int, torch.Tensor]:
+    """(start, n, partition) of a ZeRO-3 parameter on this rank: rank r holds the flat elements
+    [r * n, (r + 1) * n) of the tensor (n = partition size, the last rank's tail is padding)."""
+    import torch.distributed as dist
+
+    part = w.ds_tensor
+    if hasattr(part, "ds_quant_scale") or getattr(part, "final_location", None) is not None:
+        raise NotImplementedError("quantised or NVMe-offloaded ZeRO-3 weights are not supported")
+    n = part.numel()
+    return dist.get_rank(group=w.ds_process_group) * n, n, part
+
+
 def _rows(w: torch.Tensor, a: int, b: int) -> torch.Tensor:
     """Rows [a, b) of a [vocab, hidden] weight, whole on every rank. A plain weight: a view (the blocks
     share its storage, so chunking copies nothing). A ZeRO-3 parameter holds only its partition: rank r
@@ -82,11 +94,9 @@ def _rows(w: torch.Tensor, a: int, b: int) -> torch.Tensor:
         return w.detach()[a:b]
     import torch.distributed as dist
 
-    hidden, part = w.ds_shape[1], w.ds_tensor
-    if hasattr(part, "ds_quant_scale") or getattr(part, "final_location", None) is not None:
-        raise NotImplementedError("vocab chunks: quantised or NVMe-offloaded ZeRO-3 weights are not supported")
-    n, lo, hi = part.numel(), a * hidden, b * hidden
-    start = dist.get_rank(group=w.ds_process_group) * n
+    hidden = w.ds_shape[1]
+    start, n, part = local_range(w)
+    lo, hi = a * hidden, b * hidden
     buf = torch.zeros(hi - lo, dtype=part.dtype, device=w.device)
     s, e = max(lo, start), min(hi, start + n)
     if s < e:

@@ -1,0 +1,160 @@
+"""The LLM built under ZeRO-3 (trainer.llm.build_zero3): partitioned from construction on and streamed
+from safetensors slice by slice, on 2 real ranks under `accelerate launch` + DeepSpeed ZeRO-3.
+
+This file is also the worker: `accelerate launch ... tests/test_zero3_build.py OUT.json MID TINY`.
+"""
+import json
+import os
+import resource
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MID = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=8192,
+           max_position_embeddings=1024, tie_word_embeddings=False)  # ~51M parameters, untied head, ~200 MB
+
+
+def _rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _check(lm, folder, world):
+    """Per rank: every parameter partitioned to its share, and equal (gathered, one at a time) to the file."""
+    import deepspeed
+    from safetensors import safe_open
+
+    from trainer.llm import safetensors_files
+
+    where = {}
+    for file in safetensors_files(folder):
+        with safe_open(file, framework="pt") as f:
+            where.update({k: file for k in f.keys()})
+    share_ok, max_diff, checked = True, 0.0, 0
+    for name, p in lm.named_parameters():
+        share_ok &= hasattr(p, "ds_id") and p.data.numel() == 0 and p.ds_tensor.numel() == -(-p.ds_numel // world)
+        key = name if name in where else "model.embed_tokens.weight"  # tied head: the file holds the embedding once
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+            with safe_open(where[key], framework="pt") as f:
+                max_diff = max(max_diff, float((p.data - f.get_tensor(key).to(p.dtype)).abs().max()))
+        checked += 1
+    return {"share_ok": bool(share_ok), "max_diff": max_diff, "checked": checked,
+            "local": sum(p.ds_tensor.numel() for p in lm.parameters()), "full": sum(p.ds_numel for p in lm.parameters())}
+
+
+def worker(out, mid, tiny):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType, InitProcessGroupKwargs, gather_object
+
+    import trainer.llm as llm
+
+    acc = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
+    world = acc.num_processes
+    assert world == 2 and acc.distributed_type == DistributedType.DEEPSPEED and llm.zero3_run()
+    llm.PIECE = 1 << 18  # 1 MB reads: the bound below is then the partition, not the read size
+    import transformers.models.llama.modeling_llama  # noqa: F401  imports and tokenizer outside the measurement
+    from transformers import AutoConfig
+
+    from trainer.attention import register
+
+    register()
+    llm.load_tokenizer(mid), AutoConfig.from_pretrained(mid)
+    rss0 = _rss_mb()
+    _, lm = llm.load_llm(mid)  # the default: ZeRO-3 detected from the Accelerate plugin
+    growth = _peak_mb() - rss0
+    rep = {"mid": _check(lm, mid, world), "mid_build_growth_mb": growth,
+           "mid_bytes_mb": sum(p.ds_numel for p in lm.parameters()) * 4 / 2**20}
+    del lm
+    tok, lm = llm.load_llm(tiny, attn_implementation="eager")
+    rep["tiny"] = _check(lm, tiny, world)
+    lm.requires_grad_(True)  # a forward + backward through the DeepSpeed engine on the streamed weights
+    engine, _ = acc.prepare(lm, torch.optim.SGD(lm.parameters(), lr=0.0))
+    ids = torch.tensor([tok("CCO>>CC(=O)O", add_special_tokens=False)["input_ids"] * 3])
+    loss = engine(input_ids=ids, labels=ids).loss
+    engine.backward(loss)
+    rep["loss"] = float(loss)
+    reports = gather_object([rep])
+    if acc.is_main_process:
+        with open(out, "w") as f:
+            json.dump(reports, f)
+    acc.wait_for_everyone()
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from trainer.llm import llm_path, load_tokenizer
+
+    tiny = llm_path("tiny-random")
+    mid = str(tmp_path_factory.mktemp("mid") / "llama")
+    tok = load_tokenizer("smollm2-135m")
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=len(tok) - 1, **MID), dtype=torch.float32)
+    lm.save_pretrained(mid, max_shard_size="80MB")  # several shards and an index
+    tok.save_pretrained(mid)
+    return mid, tiny
+
+
+@pytest.mark.slow
+def test_zero3_build_streams_partitions(tmp_path, folders):
+    """Each rank holds its share of every tensor from construction on, the shares are exactly the file's
+    weights, the build never grows a rank by more than ~its share (transformers' ZeRO-3 from_pretrained
+    reads the whole state dict on rank 0: ~1.5x the model), and the loss equals the single-process one."""
+    from transformers import AutoModelForCausalLM
+
+    from trainer.llm import load_tokenizer
+
+    mid, tiny = folders
+    out = tmp_path / "report.json"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           os.path.join(ROOT, "launch_configs", "accelerate", "cpu_2proc_zero3.yaml"),
+           "--deepspeed_config_file", _zero3_config(tmp_path), "--main_process_port", str(_free_port()),
+           os.path.abspath(__file__), str(out), mid, tiny]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+    env.pop("ACCELERATE_USE_CPU", None)
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-5000:]
+    reports = json.loads(out.read_text())
+    tok = load_tokenizer(tiny)
+    ref = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32, attn_implementation="eager")
+    ids = torch.tensor([tok("CCO>>CC(=O)O", add_special_tokens=False)["input_ids"] * 3])
+    with torch.no_grad():
+        ref_loss = float(ref(input_ids=ids, labels=ids).loss)
+    for rep in reports:
+        for which in ("mid", "tiny"):
+            m = rep[which]
+            assert m["share_ok"] and m["checked"] > 10 and m["max_diff"] == 0.0, (which, m)
+            assert m["local"] < 0.51 * m["full"]
+        # the whole build (construction + reading) costs about the rank's half of the model, not the model
+        assert rep["mid_bytes_mb"] > 150 and rep["mid_build_growth_mb"] < 0.75 * rep["mid_bytes_mb"], rep
+        assert rep["loss"] == pytest.approx(ref_loss, abs=1e-5)
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _zero3_config(tmp):
+    with open(os.path.join(ROOT, "ds_configs", "zero3.json")) as f:
+        cfg = json.load(f)
+    cfg["zero_optimization"].update(stage3_param_persistence_threshold=0, stage3_model_persistence_threshold=0)
+    path = tmp / "zero3_test.json"
+    path.write_text(json.dumps(cfg))
+    return str(path)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, ROOT)
+    worker(*sys.argv[1:4])
