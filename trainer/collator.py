@@ -161,4 +161,27 @@ class Collator:
             "cu_seqlens": torch.tensor(np.cumsum([0] + [n for _, _, n, _ in spans]), dtype=torch.int32),
             "spans": spans,  # (row, start, length, dataset index) of every sample
             "real_tokens": int(sum(n for _, _, n, _ in spans)), "label_tokens": int((tgt != IGNORE).sum()),
+            "cond": condition_inputs([items[k] for r in rows for k in r]),
         }
+
+
+def _padded(seqs: list) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max([len(c) for c in seqs] + [1])
+    ids = np.zeros((len(seqs), width), dtype=np.int64)
+    mask = np.zeros((len(seqs), width), dtype=bool)
+    for s, c in enumerate(seqs):
+        ids[s, :len(c)] = c
+        mask[s, :len(c)] = True
+    return torch.from_numpy(ids), torch.from_numpy(mask)
+
+
+def condition_inputs(items: list[dict]) -> dict:
+    """Per-sample inputs beyond the token rows, for items in batch order: the instruction tokens (what a
+    dynamic projector conditions on) and the input SELFIES tokens (the graph-SELFIES contrastive loss), each
+    padded with a mask; the task id; the sample of every molecule (graphs in item order)."""
+    cond_ids, cond_mask = _padded([it.get("cond_ids", ()) for it in items])
+    selfies_ids, selfies_mask = _padded([it.get("selfies_ids", ()) for it in items])
+    mol_sample = [s for s, it in enumerate(items) for _ in it["graphs"]]
+    return {"cond_ids": cond_ids, "cond_mask": cond_mask, "selfies_ids": selfies_ids, "selfies_mask": selfies_mask,
+            "task_ids": torch.tensor([it.get("task", 0) for it in items], dtype=torch.long),
+            "mol_sample": torch.tensor(mol_sample, dtype=torch.long)}

@@ -12,6 +12,11 @@ wrapped in the tokenizer's chat template when it has one. Each molecule's `<grap
 `graph_token_count(...)` placeholders, so a sample's full length (text + graph tokens) is known here,
 before batching; the collator packs on it and the model swaps the placeholders for projected tokens.
 Labels: only the answer (output + end-of-turn token) is learned.
+
+Each item also carries what a dynamic projector conditions on: `cond_ids` (the instruction's own tokens,
+whose mean frozen embedding is the condition) and `task` (the position of the row's metadata.task in the
+projector's task list). `selfies_target=True` turns every molecule row into graph -> SELFIES reconstruction
+(the align_selfies stage): a fixed instruction, the input SELFIES as the answer, no SELFIES in the prompt.
 """
 from __future__ import annotations
 
@@ -29,6 +34,9 @@ from .projector import graph_token_count
 
 DEFAULT_SYSTEM = ("You are a chemistry assistant. Molecules are given as graph tokens and as SELFIES strings; "
                   "answer with SELFIES when the answer is a molecule.")
+SELFIES_INSTRUCTION = "Write the SELFIES string of the molecule given as graph tokens."
+COND_TOKENS = 64  # instruction tokens pooled for a dynamic projector's condition
+SELFIES_TOKENS = 512  # input SELFIES tokens pooled for the graph-SELFIES contrastive loss
 
 
 @dataclass
@@ -81,26 +89,41 @@ class InstructionDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, folder: str, tokenizer, reduction: str = "none", levels=("node", "motif", "graph"),
-                 prompt: PromptConfig | None = None, rows: list[int] | None = None):
+                 prompt: PromptConfig | None = None, rows: list[int] | None = None, queries: int = 0,
+                 tasks: list[str] | None = None, selfies_target: bool = False):
         self.shards = ShardDataset(folder)
         self.prompt = prompt or PromptConfig()
+        if selfies_target and self.prompt.use_selfies:
+            raise ValueError("selfies_target: the SELFIES is the answer, so the prompt must not show it (use_selfies=false)")
         self.graph_id = tokenizer.convert_tokens_to_ids(GRAPH_TOKEN)
-        cols = ["row", "instruction", "input", "output", "mol_num_atoms", "mol_num_motifs"]
+        cols = ["row", "instruction", "input", "output", "mol_num_atoms", "mol_num_motifs", "metadata"]
         t = _read_columns(folder, self.shards.shard_files, cols)
         n = t.num_rows
         keep = range(n) if rows is None else rows
         instr, inp, out = (t.column(c).to_pylist() for c in ("instruction", "input", "output"))
         atoms, motifs = t.column("mol_num_atoms").to_pylist(), t.column("mol_num_motifs").to_pylist()
         row_ids = t.column("row").to_numpy()
+        self.rejects = []
+        if selfies_target:  # graph -> SELFIES: rows without a molecule have nothing to reconstruct
+            self.rejects = [{"row": int(row_ids[i]), "reason": "no_molecule"} for i in keep if not atoms[i]]
+            keep = [i for i in keep if atoms[i]]
+            instr = [SELFIES_INSTRUCTION] * n
+            out = inp
+        metas = t.column("metadata").to_pylist()
+        self.task_names = [meta_field(m, "task") for m in metas]
+        self.question_types = [meta_field(m, "question_type") for m in metas]
         use_graph = self.prompt.use_graph
         prompts = [prompt_text(tokenizer, user_text(instr[i], inp[i], len(atoms[i]), self.prompt), self.prompt)
                    for i in keep]
         eos = tokenizer.eos_token_id
         p_ids = tokenizer(prompts, add_special_tokens=False).input_ids
         a_ids = tokenizer([out[i] for i in keep], add_special_tokens=False).input_ids
-        self.index, self.ids, self.num_prompt, self.rejects = [], [], [], []
+        c_ids = tokenizer([instr[i] for i in keep], add_special_tokens=False).input_ids
+        s_ids = tokenizer([inp[i] if atoms[i] else "" for i in keep], add_special_tokens=False).input_ids
+        self.index, self.ids, self.num_prompt, self.cond_ids, self.selfies_ids = [], [], [], [], []
         for j, i in enumerate(keep):
-            counts = [graph_token_count(a, m, reduction, levels) for a, m in zip(atoms[i], motifs[i])] if use_graph else []
+            counts = ([graph_token_count(a, m, reduction, levels, queries) for a, m in zip(atoms[i], motifs[i])]
+                      if use_graph else [])
             prompt_ids = expand_placeholders(p_ids[j], self.graph_id, counts)
             ids = np.asarray(prompt_ids + a_ids[j] + [eos], dtype=np.int64)
             if len(ids) > self.prompt.max_length:
@@ -109,9 +132,25 @@ class InstructionDataset(torch.utils.data.Dataset):
             self.index.append(i)
             self.ids.append(ids)
             self.num_prompt.append(len(prompt_ids))
+            self.cond_ids.append(np.asarray(c_ids[j][:COND_TOKENS] or [eos], dtype=np.int64))
+            self.selfies_ids.append(np.asarray(s_ids[j][:SELFIES_TOKENS], dtype=np.int64))
         self.lengths = np.array([len(x) for x in self.ids], dtype=np.int64)
         self.row_ids = row_ids[self.index] if self.index else np.zeros(0, np.int64)
         self.outputs = [out[i] for i in self.index]
+        self.folder = folder
+        self.task_ids = np.zeros(len(self.index), np.int64)
+        if tasks:
+            self.assign_tasks(tasks)
+
+    def tasks_present(self) -> set:
+        return {self.task_names[i] for i in self.index}
+
+    def assign_tasks(self, tasks: list[str]) -> None:
+        """Task ids for a task-conditioned projector: every row must name one of its tasks (metadata.task)."""
+        unknown = sorted({t or "(none)" for t in self.tasks_present()} - set(tasks))
+        if unknown:
+            raise ValueError(f"{self.folder}: rows of task(s) {unknown} for a projector conditioned on tasks {list(tasks)}")
+        self.task_ids = np.array([tasks.index(self.task_names[i]) for i in self.index], np.int64)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -120,16 +159,37 @@ class InstructionDataset(torch.utils.data.Dataset):
         i = self.index[k]
         graphs = [to_pyg(g) for g in self.shards.graphs(i)] if self.prompt.use_graph else []
         return {"input_ids": self.ids[k], "num_prompt": self.num_prompt[k], "graphs": graphs,
-                "row": int(self.row_ids[k]), "index": k}
+                "row": int(self.row_ids[k]), "index": k, "cond_ids": self.cond_ids[k], "task": int(self.task_ids[k]),
+                "selfies_ids": self.selfies_ids[k]}
 
     def record(self, k: int) -> dict:
         return self.shards.record(self.index[k])
 
 
+def meta_field(metadata, key: str):
+    """metadata[key] of a row (stored as a JSON string in shards), or None."""
+    if isinstance(metadata, str):
+        import json
+
+        try:
+            metadata = json.loads(metadata)
+        except ValueError:
+            return None
+    return metadata.get(key) if isinstance(metadata, dict) else None
+
+
 def _read_columns(folder: str, files: list[str], cols: list[str]):
     import pyarrow as pa
 
-    tables = [pq.read_table(os.path.join(folder, f), columns=cols) for f in files]
+    tables = []
+    for f in files:
+        path = os.path.join(folder, f)
+        have = set(pq.read_schema(path).names)
+        t = pq.read_table(path, columns=[c for c in cols if c in have])
+        for c in cols:  # optional columns (metadata) of older shards read as nulls
+            if c not in have:
+                t = t.append_column(c, pa.nulls(t.num_rows, pa.string()))
+        tables.append(t)
     if not tables:
         raise ValueError(f"{folder}: no accepted rows")
     return pa.concat_tables(tables)

@@ -51,6 +51,7 @@ class MultimodalLM(nn.Module):
         super().__init__()
         self.llm, self.encoder, self.projector = llm, encoder, projector
         self.graph_token_id = graph_token_id
+        self.last_graph = None
         self.freeze_encoder = freeze_encoder and encoder is not None
         if self.freeze_encoder:
             encoder.requires_grad_(False)
@@ -79,25 +80,66 @@ class MultimodalLM(nn.Module):
         return next(self.lm_head.parameters()).device  # a plain head or its row blocks (vocab_chunks)
 
     # -- graph tokens ----------------------------------------------------------------------------------
-    def graph_tokens(self, graphs, num_mols: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(projected graph tokens of every molecule of the batch, molecule after molecule; a zero scalar
-        tied to the encoder and projector outputs)."""
+    @property
+    def dynamic(self) -> bool:
+        return self.projector is not None and self.projector.cfg.kind == "dynamic"
+
+    def condition(self, cond: dict | None, num_mols: int) -> dict | None:
+        """Per-molecule condition of a dynamic projector from the batch's `cond` (trainer.collator.condition_inputs):
+        the mean frozen input embedding of each molecule's instruction tokens, or its task id."""
+        if not self.dynamic:
+            return None
+        if cond is None:
+            raise ValueError("a dynamic projector needs the batch's `cond` (instruction tokens / task ids)")
+        dev = self.device
+        ms = cond["mol_sample"].to(dev)
+        if self.projector.cfg.condition == "task":
+            return {"mol_task": cond["task_ids"].to(dev)[ms]}
+        vec = self.pooled_embedding(cond["cond_ids"], cond["cond_mask"])
+        return {"mol_vec": vec[ms].to(next(self.projector.parameters()).dtype)}
+
+    @torch.no_grad()
+    def pooled_embedding(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[samples, hidden] mean frozen input embedding of each row's real tokens (the LLM is frozen, so a
+        fixed view of the text: the dynamic projector's condition, the SELFIES side of the alignment loss)."""
+        from graph.contrastive import mean_pool
+
+        dev = self.device
+        return mean_pool(self.decoder.get_input_embeddings()(ids.to(dev)), mask.to(dev))
+
+    def _stand_in_condition(self) -> dict | None:
+        if not self.dynamic:
+            return None
+        dev, cfg = self.device, self.projector.cfg
+        if cfg.condition == "task":
+            return {"mol_task": torch.zeros(1, dtype=torch.long, device=dev)}
+        return {"mol_vec": torch.zeros(1, cfg.cond_dim, device=dev, dtype=next(self.projector.parameters()).dtype)}
+
+    def graph_tokens(self, graphs, num_mols: int, cond: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(projected graph tokens of every molecule of the batch, molecule after molecule; the molecule of
+        each token; a zero scalar tied to the encoder and projector outputs)."""
         stand_in = graphs is None
         if stand_in:
             graphs, num_mols = _stand_in_graph().to(self.device), 1
+            mol_cond = self._stand_in_condition()
+        else:
+            mol_cond = self.condition(cond, num_mols)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoder):
             enc = self.encoder(graphs)
-        tokens, _ = self.projector(enc, num_mols)
-        return tokens[:0] if stand_in else tokens, tokens.sum() * 0.0
+        tokens, mols = self.projector(enc, num_mols, mol_cond)
+        if stand_in:
+            tokens, mols = tokens[:0], mols[:0]
+        return tokens, mols, tokens.sum() * 0.0
 
-    def embed(self, input_ids: torch.Tensor, graphs=None, num_mols: int = 0) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, graphs=None, num_mols: int = 0, cond: dict | None = None) -> torch.Tensor:
         is_graph = input_ids == self.graph_token_id
         x = self.decoder.get_input_embeddings()(input_ids.masked_fill(is_graph, 0))
         if self.encoder is None:
             if is_graph.any():
                 raise ValueError("graph placeholders in the input but the model has no graph encoder")
             return x
-        tokens, zero = self.graph_tokens(graphs, num_mols)
+        tokens, mols, zero = self.graph_tokens(graphs, num_mols, cond)
+        self.last_graph = (tokens, mols)  # for auxiliary losses on the same call (align_selfies)
         if tokens.size(0) != int(is_graph.sum()):
             raise ValueError(f"{int(is_graph.sum())} graph placeholders for {tokens.size(0)} graph tokens: the "
                              "prompt and the projector disagree on reduction / levels")
@@ -105,7 +147,7 @@ class MultimodalLM(nn.Module):
         return x + zero.to(x.dtype)  # keeps the stand-in's parameters in the graph on every rank
 
     def hidden(self, batch: dict) -> torch.Tensor:
-        x = self.embed(batch["input_ids"], batch.get("graphs"), batch.get("num_mols", 0))
+        x = self.embed(batch["input_ids"], batch.get("graphs"), batch.get("num_mols", 0), batch.get("cond"))
         impl = getattr(self._base().config, "_attn_implementation", "sdpa")
         if impl not in VARLEN:  # eager / sdpa: a block-diagonal causal mask over the rows
             mask = block_causal_mask(batch["seq_id"], x.dtype)

@@ -1,5 +1,6 @@
 """Stage 1, alignment: only the projector trains (molecule description by default); encoder and LLM frozen.
-Output: RUN_DIR/align/export/ (projector, encoder, tokenizer), the lora stage's starting point."""
+Output: RUN_DIR/align/export/ (projector, encoder, tokenizer), the lora stage's starting point. Starts from the
+align_selfies stage's projector when the run has one."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -10,6 +11,7 @@ from . import multimodal
 
 @dataclass
 class Config(multimodal.Config):
+    init_projector: str | None = "auto"  # auto: RUN_DIR/align_selfies/export/projector when that stage ran
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-3, warmup_steps=10, max_steps=200))
 
 

@@ -29,7 +29,7 @@ from ..config import ConfigError, TrainConfig, check_path
 from ..export import gathered_state, load_export, save_export
 from ..instructions import InstructionDataset, PromptConfig, TaskMix
 from ..loop import prepare_training, train
-from ..projector import LEVELS, REDUCTIONS, GraphProjector, ProjectorConfig
+from ..projector import CONDITIONS, FUSIONS, KINDS, LEVELS, REDUCTIONS, GraphProjector, ProjectorConfig, layout_queries
 from .encoder_ssl import EncoderArch
 
 ATTENTION = ("sdpa_varlen", "sdpa", "eager", "flash_attention_2", "flash_attention_3")
@@ -50,10 +50,14 @@ class LLMSettings:
 
 @dataclass
 class ProjectorSettings:
-    kind: str = "mlp2"  # linear | mlp2
+    kind: str = "mlp2"  # linear | mlp2 | dynamic (per-molecule level fusion, trainer/projector.py)
     per_level: bool = False
     reduction: str = "none"  # none | hierarchical | all
     levels: list[str] = field(default_factory=lambda: list(LEVELS))
+    fusion: str = "gate"  # dynamic: gate | cross_attention
+    condition: str = "instruction"  # dynamic: instruction (pooled frozen-LLM embedding) | task (metadata.task)
+    tasks: list[str] = field(default_factory=list)  # condition task: the task names; empty = those in the data
+    queries: int = 4  # cross_attention: learned queries per level (tokens per molecule = queries x levels)
 
 
 @dataclass
@@ -86,6 +90,10 @@ class Config:
     lora: LoraSettings | None = None
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, max_steps=100, max_grad_norm=1.0))
     peak_tflops: float = 0.0  # per process, for MFU (e.g. 989 for an H100 in bf16); 0: not reported
+    # graph-SELFIES alignment: weight of an InfoNCE loss between each sample's mean projected graph token and
+    # the mean frozen-LLM embedding of its input SELFIES (0: off; the align_selfies stage turns it on)
+    selfies_contrastive: float = 0.0
+    contrastive_temperature: float = 0.1
     verify_export: bool = True  # reload the export on the main process and compare logits (costs one LLM load)
 
 
@@ -103,8 +111,10 @@ def validate(cfg: Config, stage: str) -> None:
             check_path(value, f"{stage}.{key}", "folder")
     choices = {"llm.attn_implementation": (cfg.llm.attn_implementation, ATTENTION),
                "llm.dtype": (cfg.llm.dtype, ("float32", "bfloat16", "float16")),
-               "projector.kind": (cfg.projector.kind, ("linear", "mlp2")),
+               "projector.kind": (cfg.projector.kind, KINDS),
                "projector.reduction": (cfg.projector.reduction, REDUCTIONS),
+               "projector.fusion": (cfg.projector.fusion, FUSIONS),
+               "projector.condition": (cfg.projector.condition, CONDITIONS),
                "batching.mode": (cfg.batching.mode, ("packed", "padded", "grouped"))}
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -120,6 +130,13 @@ def validate(cfg: Config, stage: str) -> None:
         raise ConfigError(f"{stage}.llm.vocab_chunks: 0 (off) or a number of row blocks, got {cfg.llm.vocab_chunks}")
     if not cfg.prompt.use_graph and not cfg.prompt.use_selfies:
         raise ConfigError(f"{stage}.prompt: use_graph and use_selfies cannot both be false")
+    if cfg.projector.kind == "dynamic" and cfg.projector.fusion == "cross_attention" and cfg.projector.queries < 1:
+        raise ConfigError(f"{stage}.projector.queries: at least 1 query per level, got {cfg.projector.queries}")
+    if cfg.selfies_contrastive < 0 or cfg.contrastive_temperature <= 0:
+        raise ConfigError(f"{stage}.selfies_contrastive >= 0 and contrastive_temperature > 0 (got "
+                          f"{cfg.selfies_contrastive}, {cfg.contrastive_temperature})")
+    if cfg.selfies_contrastive and not cfg.prompt.use_graph:
+        raise ConfigError(f"{stage}.selfies_contrastive: the alignment loss needs graph tokens (prompt.use_graph)")
 
 
 def _auto(path: str | None, candidates: list[str]) -> str | None:
@@ -182,18 +199,14 @@ def build_model(cfg: Config, run_dir: str, stage: str, tok, seed: int):
         encoder = HierarchicalEncoder(EncoderConfig(**vars(cfg.encoder)))
     p = cfg.projector
     pcfg = ProjectorConfig(in_dim=encoder.out_dim, out_dim=lm.config.hidden_size, kind=p.kind, per_level=p.per_level,
-                           reduction=p.reduction, levels=list(p.levels))
+                           reduction=p.reduction, levels=list(p.levels), fusion=p.fusion, condition=p.condition,
+                           cond_dim=lm.config.hidden_size, tasks=list(p.tasks), queries=p.queries)
     torch.manual_seed(seed)
     projector = GraphProjector(pcfg)
-    proj_dir = _auto(cfg.init_projector, [os.path.join(run_dir, "align", "export", "projector")])
+    earlier = {"align_selfies": [], "align": ["align_selfies"], "lora": ["align", "align_selfies"]}.get(stage, ["align"])
+    proj_dir = _auto(cfg.init_projector, [os.path.join(run_dir, s, "export", "projector") for s in earlier])
     if proj_dir:  # reduction and levels come from this stage's config; the weights from the folder
-        saved = GraphProjector.from_pretrained(proj_dir)
-        if (saved.cfg.kind, saved.cfg.per_level, saved.cfg.in_dim, saved.cfg.out_dim) != (p.kind, p.per_level, pcfg.in_dim, pcfg.out_dim):
-            raise ConfigError(f"{stage}.init_projector: {proj_dir} is a {saved.cfg.kind} projector (per_level="
-                              f"{saved.cfg.per_level}, {saved.cfg.in_dim}->{saved.cfg.out_dim}); this stage asks for "
-                              f"{p.kind} (per_level={p.per_level}, {pcfg.in_dim}->{pcfg.out_dim})")
-        state = saved.state_dict()
-        projector.load_state_dict({k: state[k] for k in projector.state_dict()})
+        init_projector(projector, GraphProjector.from_pretrained(proj_dir), f"{stage}.init_projector: {proj_dir}")
     if cfg.lora is not None:
         from peft import LoraConfig, get_peft_model
 
@@ -208,7 +221,100 @@ def build_model(cfg: Config, run_dir: str, stage: str, tok, seed: int):
     return model, {"init_encoder": enc_dir, "init_projector": proj_dir}
 
 
-def run(cfg: Config, accelerator, run_dir: str, seed: int, stage: str) -> dict:
+def init_projector(projector: GraphProjector, saved: GraphProjector, where: str) -> None:
+    """Start `projector` from `saved`. Same layout: every weight. A dynamic projector from a static one (or
+    another dynamic one): each level's MLP from the saved level's (or its shared) MLP, gates and queries as
+    initialised (uniform gates: the static projector's mix) unless the saved one has the same ones."""
+    a, b = projector.cfg, saved.cfg
+    if (a.in_dim, a.out_dim) != (b.in_dim, b.out_dim) or (a.kind != "dynamic" and (a.kind, a.per_level) != (b.kind, b.per_level)) \
+            or (a.kind == "dynamic" and b.kind == "linear"):
+        raise ConfigError(f"{where} is a {b.kind} projector (per_level={b.per_level}, {b.in_dim}->{b.out_dim}); this "
+                          f"stage asks for {a.kind} (per_level={a.per_level}, {a.in_dim}->{a.out_dim})")
+    state, mine = saved.state_dict(), projector.state_dict()
+    if a.kind == "dynamic":
+        for k in list(state):
+            if k.startswith("proj.shared."):
+                for lv in a.levels:
+                    state.setdefault(f"proj.{lv}." + k[len("proj.shared."):], state[k])
+    projector.load_state_dict({k: state[k] if k in state and state[k].shape == v.shape else v for k, v in mine.items()})
+
+
+def selfies_alignment(model, batch: dict, temperature: float) -> tuple[torch.Tensor, dict]:
+    """InfoNCE between each sample's mean projected graph token and the mean frozen embedding of its input
+    SELFIES, over the samples of this micro-batch that have molecules (fewer than 2: a zero loss)."""
+    from graph.contrastive import contrastive_loss
+
+    tokens, mols = model.last_graph
+    cond = batch["cond"]
+    n = cond["selfies_ids"].size(0)
+    sample = cond["mol_sample"].to(tokens.device)[mols]
+    graph_vec = tokens.new_zeros(n, tokens.size(1)).index_add_(0, sample, tokens)
+    count = torch.bincount(sample, minlength=n)
+    keep = (count > 0) & cond["selfies_mask"].any(1).to(tokens.device)
+    if int(keep.sum()) < 2:
+        return tokens.sum() * 0.0, {}
+    g = torch.nn.functional.normalize((graph_vec[keep] / count[keep, None]).float(), dim=-1)
+    t = torch.nn.functional.normalize(model.pooled_embedding(cond["selfies_ids"], cond["selfies_mask"])[keep].float(), dim=-1)
+    loss, acc = contrastive_loss(g, t, temperature)
+    return loss, {"selfies_contrastive": loss.item(), **{f"selfies_{k}": v for k, v in acc.items()}}
+
+
+def datasets(cfg: Config, tok, selfies_target: bool = False) -> TaskMix:
+    """The stage's instruction data as the projector reads it (reduction, levels, cross-attention queries);
+    a task-conditioned projector gets its task list (cfg.projector.tasks, else the tasks in the data)."""
+    p = cfg.projector
+    parts = [InstructionDataset(d, tok, reduction=p.reduction, levels=p.levels, prompt=cfg.prompt,
+                                queries=layout_queries(dataclasses.asdict(p)), selfies_target=selfies_target)
+             for d in cfg.data]
+    if p.kind == "dynamic" and p.condition == "task":
+        if not p.tasks:
+            found = set().union(*(part.tasks_present() for part in parts))
+            if None in found:
+                raise ConfigError("projector.condition=task: some rows have no metadata.task; name the tasks "
+                                  "(projector.tasks) or use condition=instruction")
+            p.tasks = sorted(found)
+        try:
+            for part in parts:
+                part.assign_tasks(p.tasks)
+        except ValueError as e:
+            raise ConfigError(f"projector.tasks: {e}") from None
+    return TaskMix(parts)
+
+
+@torch.no_grad()
+def gate_report(model, data: TaskMix, limit: int = 4096, batch: int = 256) -> dict | None:
+    """Mean level gates of a dynamic projector per task (data folder) and per metadata.question_type, over
+    up to `limit` samples; collective under ZeRO-3 (every rank calls it with the same samples)."""
+    from ..collator import condition_inputs
+
+    if not getattr(model, "dynamic", False):
+        return None
+    levels = model.projector.cfg.levels
+    sums: dict[str, dict[str, list]] = {"by_task": {}, "by_question_type": {}}
+    idx = list(range(min(limit, len(data))))
+    for s in range(0, len(idx), batch):
+        items, keys = [], []
+        for i in idx[s:s + batch]:
+            part, j = data.locate(i)
+            items.append({"cond_ids": part.cond_ids[j], "task": int(part.task_ids[j]), "graphs": [None]})
+            k = part.index[j]
+            keys.append((part.task_names[k] or os.path.basename(part.folder.rstrip("/")), part.question_types[k]))
+        cond = condition_inputs(items)
+        gates = torch.softmax(model.projector.gate_logits(model.condition(cond, len(items)), len(items)).float(), -1).cpu()
+        for (task, qt), g in zip(keys, gates):
+            for group, key in (("by_task", task), ("by_question_type", qt)):
+                if key is not None:
+                    acc = sums[group].setdefault(key, [torch.zeros(len(levels)), 0])
+                    acc[0] += g
+                    acc[1] += 1
+    out = {"levels": list(levels)}
+    for group, d in sums.items():
+        out[group] = {k: {lv: round(float(v), 4) for lv, v in zip(levels, t / n)} | {"samples": n}
+                      for k, (t, n) in sorted(d.items())}
+    return out
+
+
+def run(cfg: Config, accelerator, run_dir: str, seed: int, stage: str, selfies_target: bool = False) -> dict:
     from accelerate.utils import send_to_device
 
     from ..collator import BatchPlan, Collator
@@ -216,8 +322,7 @@ def run(cfg: Config, accelerator, run_dir: str, seed: int, stage: str) -> dict:
 
     out_dir = os.path.join(run_dir, stage)
     tok = load_tokenizer(cfg.llm.name, cfg.llm.trust_remote_code)
-    p = cfg.projector
-    data = TaskMix([InstructionDataset(d, tok, reduction=p.reduction, levels=p.levels, prompt=cfg.prompt) for d in cfg.data])
+    data = datasets(cfg, tok, selfies_target)
     if len(data) == 0:
         raise ConfigError(f"{stage}.data: no sample fits prompt.max_length={cfg.prompt.max_length}")
     b = cfg.batching
@@ -238,8 +343,14 @@ def run(cfg: Config, accelerator, run_dir: str, seed: int, stage: str) -> dict:
     def step(m, batch, gen, denominator):
         batch = send_to_device(batch, accelerator.device)
         out = m(batch)
-        return out.loss_sum / denominator, {"loss_sum": out.loss_sum.item(), "samples": len(batch["spans"]),
-                                            "tokens": batch["real_tokens"]}
+        loss, logs = out.loss_sum / denominator, {"loss_sum": out.loss_sum.item()}
+        if cfg.selfies_contrastive:
+            aux, aux_logs = selfies_alignment(unwrapped, batch, cfg.contrastive_temperature)
+            loss, logs = loss + cfg.selfies_contrastive * aux, {**logs, **aux_logs}
+        if unwrapped.dynamic and unwrapped.projector.last_gates is not None:  # logged per step (TensorBoard, jsonl)
+            logs.update({f"gate_{lv}": float(g) for lv, g in zip(unwrapped.projector.cfg.levels,
+                                                                    unwrapped.projector.last_gates.float().mean(0))})
+        return loss, {**logs, "samples": len(batch["spans"]), "tokens": batch["real_tokens"]}
 
     meta = {"llm": cfg.llm.name, "attn_implementation": cfg.llm.attn_implementation, "stage": stage,
             "prompt": dataclasses.asdict(cfg.prompt), "projector": dataclasses.asdict(cfg.projector),
@@ -255,6 +366,9 @@ def run(cfg: Config, accelerator, run_dir: str, seed: int, stage: str) -> dict:
     trained_after = fingerprint(unwrapped, trainable=True)
     moved = sum(trained_after[k] != v for k, v in trained_before.items())
     flags = accelerator.gather(torch.tensor([float(frozen_same)], device=accelerator.device)).min()
+    gates = gate_report(unwrapped, data)
+    if gates:
+        meta["gates"] = gates  # written into the export's m3mol_config.json
     export = save_export(unwrapped, tok, os.path.join(out_dir, "export"), meta, accelerator)
     checks = {"ranks_identical": ranks_identical(unwrapped, accelerator)}
     if cfg.verify_export:
@@ -263,8 +377,10 @@ def run(cfg: Config, accelerator, run_dir: str, seed: int, stage: str) -> dict:
                                                             accelerator)
     accelerator.free_memory(engine, opt)  # the next stage gets a fresh DeepSpeed engine
     return {**metrics, **inits, **checks, "export": export, "samples": len(data),
-            "rejected_longer_than_max_length": len(data.rejects), "frozen_params_unchanged": bool(flags.item() == 1.0),
-            "trained_tensors": len(trained_before), "trained_tensors_changed": int(moved), "flops_per_token": fpt}
+            "rejected_longer_than_max_length": sum(r["reason"] == "longer_than_max_length" for r in data.rejects),
+            "rejected_no_molecule": sum(r["reason"] == "no_molecule" for r in data.rejects), "frozen_params_unchanged": bool(flags.item() == 1.0),
+            "trained_tensors": len(trained_before), "trained_tensors_changed": int(moved), "flops_per_token": fpt,
+            **({"gates": gates} if gates else {})}
 
 
 def ranks_identical(model, accelerator) -> bool:
