@@ -81,6 +81,9 @@ def test_cli_writes_ordered_predictions_that_evaluate_reads(setup, tmp_path):
     rows = [json.loads(line) for line in open(out)]
     assert [x["row"] for x in rows] == ds.row_ids.tolist()  # every sample, input order
     assert all(x["target"] == ds.record(k)["output"] for k, x in enumerate(rows))
+    # each record's metadata (JSON text in the shards) comes through as a dict: the grounding task reads it
+    assert all(x["metadata"] == json.loads(ds.record(k)["metadata"]) for k, x in enumerate(rows))
+    assert {x["metadata"]["task"] for x in rows} == {"forward"}
     ev = cli("trainer.evaluate", "--task", "forward", "--predictions", str(out), timeout=300)
     assert ev.returncode == 0, ev.stderr[-2000:]
     metrics = json.loads(ev.stdout.strip().splitlines()[-1])

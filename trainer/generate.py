@@ -8,7 +8,8 @@ sits at the same position, then decoded greedily or with beam search on plain SD
 `sdpa_varlen` kernel needs sample boundaries, which a KV cache does not have). Molecule answers
 (SELFIES) are also decoded to SMILES. Several processes (`accelerate launch`) each take a contiguous
 slice of the rows; the slices are gathered back in input order. Output: JSONL with `target` and
-`prediction` (what `python -m trainer.evaluate` reads) and, with --tsv, the MolT5 layout.
+`prediction` (what `python -m trainer.evaluate` reads), the record's `metadata` (a dict: the grounding
+task's question types) and, with --tsv, the MolT5 layout.
 """
 from __future__ import annotations
 
@@ -80,8 +81,19 @@ def predict(model, tok, dataset, rows: list[int], batch_size: int, **kw) -> list
             rec = dataset.record(it["index"])
             out.append({"row": it["row"], "instruction": rec["instruction"], "input": rec["input"],
                         "target": rec["output"], "prediction": answer, "prediction_smiles": to_smiles(answer),
-                        "target_smiles": rec.get("output_smiles")})
+                        "target_smiles": rec.get("output_smiles"), "metadata": record_metadata(rec)})
     return out
+
+
+def record_metadata(rec: dict) -> dict | None:
+    """A shard row's metadata as a dict (shards store it as JSON text; graph/records.py), None if absent."""
+    meta = rec.get("metadata")
+    if isinstance(meta, str):
+        try:
+            meta = json.loads(meta)
+        except ValueError:
+            return None
+    return meta if isinstance(meta, dict) else None
 
 
 def process_state():
