@@ -245,39 +245,157 @@ def _qm9_reader(path: str, properties: list[str]) -> tuple[Rows, Maker, Show]:
     return rows(), make, show
 
 
+# ------------------------------------------------------------------------------ public releases' layouts
+
+# Mol-Instructions (zjunlp/Mol-Instructions, data/Molecule-oriented_Instructions/): one JSON array per task of
+# {instruction, input, output, metadata: {task, split}} with SELFIES molecules; property values are numbers.
+MOLINST_FILES = {
+    "forward": "forward_reaction_prediction.json", "reagent": "reagent_prediction.json",
+    "retrosynthesis": "retrosynthesis.json", "design": "description_guided_molecule_design.json",
+    "molcap": "molecular_description_generation.json", "property": "property_prediction.json",
+}
+MOLINST_SPLITS = ("train", "test")
+
+
+def molinst_record(task: str, rec, source: str = "", row: int = -1) -> dict:
+    """A published Mol-Instructions record, its text kept as released (molecules stay the published SELFIES,
+    which preprocessing decodes and standardises); the output as text, metadata.task this project's name."""
+    if not isinstance(rec, dict):
+        raise Reject(chem.MALFORMED_ROW, f"a record is a JSON object, got {type(rec).__name__}")
+    from graph.records import MALFORMED_KEY
+
+    if MALFORMED_KEY in rec:  # a line graph.formats could not decode
+        raise Reject(chem.MALFORMED_ROW, rec[MALFORMED_KEY])
+    for key in ("instruction", "input"):
+        if not isinstance(rec.get(key), str):
+            raise Reject(chem.MISSING_FIELD, key)
+    out = rec.get("output")
+    if isinstance(out, (int, float)) and not isinstance(out, bool) and math.isfinite(out):
+        out = str(out)
+    if not isinstance(out, str) or not out.strip():
+        raise Reject(chem.MISSING_FIELD, "output")
+    meta = rec.get("metadata") if isinstance(rec.get("metadata"), dict) else {}
+    extra = {k: v for k, v in meta.items() if k not in ("task", "split", "source", "id", "row")}
+    return {"instruction": rec["instruction"], "input": rec["input"], "output": out,
+            "metadata": _meta(task, source, str(meta.get("id", row)), row, split=meta.get("split"),
+                              source_task=meta.get("task"), **extra)}
+
+
+def molinst_run(task: str, path: str, outputs: dict[str, str], rejects_path: str, limit: int | None = None,
+                progress: bool = True) -> dict:
+    """One Mol-Instructions task file to one JSONL per metadata.split (outputs: split -> path)."""
+    from graph.formats import _json_records, _open
+
+    name = os.path.basename(path)
+
+    def rows() -> Rows:
+        with _open(path) as f:
+            yield from ((i, rec, name) for i, rec in enumerate(_json_records(f, path)))
+
+    def make(row, rec, source, std):
+        return [molinst_record(task, rec, source, row)]
+
+    def show(rec):
+        return json.dumps(rec, ensure_ascii=False) if isinstance(rec, dict) else str(rec)
+    return convert_rows(task, rows(), make, show, Standardizer(), outputs, rejects_path, limit, progress,
+                        split_of=lambda r: r["metadata"]["split"])
+
+
+# PubChem324k as MolCA's first release laid it out (data_provider/molecule_caption_dataset.py, MoleculeCaption):
+# SPLIT/smiles/smiles_CID.txt (one line) and SPLIT/text/text_CID.txt (the description, joined line by line).
+# PubChem324kV2's SPLIT.pt files are pickled PyTorch Geometric datasets, which this project does not unpickle.
+PUBCHEM_SPLITS = ("pretrain", "train", "valid", "test")
+
+
+def pubchem_rows(folder: str) -> Rows:
+    """(row, [cid, smiles, text], file) per CID of one split folder, in CID order; a CID with only one of
+    its two files comes through with an empty field (a reject, not a silent loss)."""
+    def cids(sub: str, prefix: str) -> dict[str, str]:
+        names = glob.glob(os.path.join(folder, sub, f"{prefix}_*.txt"))
+        return {os.path.basename(n)[len(prefix) + 1:-4]: n for n in names}
+
+    if not os.path.isdir(os.path.join(folder, "smiles")) or not os.path.isdir(os.path.join(folder, "text")):
+        raise InputError(f"{folder}: a PubChem324k split folder holds smiles/ and text/")
+    smiles, texts = cids("smiles", "smiles"), cids("text", "text")
+
+    def read(path: str | None) -> str:
+        if path is None:
+            return ""
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return " ".join(line.strip("\n") for line in f).strip()
+
+    def key(cid: str):
+        return (0, int(cid), "") if cid.isdigit() else (1, 0, cid)
+    for row, cid in enumerate(sorted(set(smiles) | set(texts), key=key)):
+        yield row, [cid, read(smiles.get(cid)), read(texts.get(cid))], os.path.basename(folder)
+
+
+def pubchem_run(folder: str, output: str, limit: int | None = None, progress: bool = True) -> dict:
+    """One PubChem324k split folder to molcap records (the same records as ChEBI-20's)."""
+    def make(row, f, source, std):
+        if not f[1]:
+            raise Reject(chem.MISSING_FIELD, "smiles file")
+        return [molcap_record(f[0], f[1], f[2], std, source, row)]
+    rejects_path = output.removesuffix(".jsonl") + ".rejects.jsonl"
+    summary = convert_rows("molcap", pubchem_rows(folder), make, "\t".join, Standardizer(), {"": output},
+                           rejects_path, limit, progress)
+    return {**summary, "output": output}
+
+
 # ------------------------------------------------------------------------------ driver
 
 
 def run(task: str, path: str, output: str, limit: int | None = None, properties: list[str] | None = None,
         progress: bool = True) -> dict:
-    from tqdm import tqdm
-
     properties = properties or list(QM9_PROPERTIES)
     rows, make, show = _reader(task, path, properties)
     # QM9 has many molecules under 5 heavy atoms; preprocessing applies its own size filter later
     std = Standardizer(Limits(min_heavy_atoms=1) if task == "property" else Limits())
     rejects_path = (output[:-6] if output.endswith(".jsonl") else output) + ".rejects.jsonl"
+    summary = convert_rows(task, rows, make, show, std, {"": output}, rejects_path, limit, progress)
+    return {**summary, "output": output}
+
+
+def convert_rows(task: str, rows: Rows, make: Maker, show: Show, std: Standardizer, outputs: dict[str, str],
+                 rejects_path: str, limit: int | None = None, progress: bool = True,
+                 split_of: Callable[[dict], str] = lambda rec: "") -> dict:
+    """Every row to records in outputs[split_of(record)] or to one line of the rejects file."""
+    import contextlib
+
+    from tqdm import tqdm
+
     reasons: collections.Counter = collections.Counter()
-    n_rows = converted = n_records = 0
+    n_rows = converted = 0
+    n_records = collections.Counter()
     bar = tqdm(itertools.islice(rows, limit), total=limit, unit="row", desc=task, file=sys.stderr,
                delay=2, disable=not progress)
-    with atomic_writer(output) as out, atomic_writer(rejects_path) as rej:
+    with contextlib.ExitStack() as stack:
+        outs = {k: stack.enter_context(atomic_writer(v)) for k, v in outputs.items()}
+        rej = stack.enter_context(atomic_writer(rejects_path))
         for row, fields, source in bar:
             n_rows += 1
             try:
                 records = make(row, fields, source, std)
+                splits = [split_of(rec) for rec in records]
+                for split in splits:
+                    if split not in outs:
+                        raise Reject(chem.MALFORMED_ROW, f"split {split!r}, expected one of {sorted(outs)}")
             except Reject as r:
                 reasons[r.reason] += 1
                 rej.write(json.dumps({"row": row, "input": show(fields)[:1000], "reason": r.reason,
                                       "detail": r.detail}, ensure_ascii=False) + "\n")
                 continue
             converted += 1
-            n_records += len(records)
-            out.writelines(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records)
+            for split, rec in zip(splits, records):
+                n_records[split] += 1
+                outs[split].write(json.dumps(rec, ensure_ascii=False) + "\n")
     bar.close()
-    return {"task": task, "input_rows": n_rows, "converted": converted, "rejected": sum(reasons.values()),
-            "rejected_by_reason": dict(sorted(reasons.items())), "output": output, "records": n_records,
-            "rejects": rejects_path}
+    summary = {"task": task, "input_rows": n_rows, "converted": converted, "rejected": sum(reasons.values()),
+               "rejected_by_reason": dict(sorted(reasons.items())), "records": sum(n_records.values()),
+               "rejects": rejects_path}
+    if len(outputs) > 1:
+        summary["records_by_split"] = {k: n_records[k] for k in outputs}
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:
