@@ -174,8 +174,8 @@ def resolve(path: str) -> list[str]:
     if path == "qm9":
         from .converters import qm9_folder
 
-        path = qm9_folder()
-    elif path in ("moses", "moses_test"):
+        return sorted(glob.glob(os.path.join(qm9_folder(), "qm9_part*.csv")))  # the folder holds other tables too
+    if path in ("moses", "moses_test"):
         spec = importlib.util.find_spec("moses")  # its data files only: importing moses pulls in torch extras
         if spec is None:
             raise InputError("package molsets is not installed (pip install --no-deps molsets==0.3.1)")
