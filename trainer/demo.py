@@ -9,6 +9,7 @@
    processes under DeepSpeed ZeRO-2 (launch_configs/recipes/demo_llm.yaml), exporting a PEFT folder;
 4. generate answers for 16 held-out reactions with the exported model and score them (every row counts),
    printing the metrics table;
+5. ask the trained model one question from SMILES (`trainer.ask`: a held-out reaction's reactants);
 and print a one-line JSON summary last (with the metrics). Everything lands under runs/demo/.
 """
 from __future__ import annotations
@@ -68,8 +69,8 @@ def main(out: str = os.path.join(ROOT, "runs", "demo")) -> dict:
                          if k.startswith(("eval_", "loss", "steps", "encoder", "elapsed", "export", "tokens_per_s",
                                           "frozen_params", "ranks_identical"))}
     summary["export"] = llm["stages"]["lora"]["export"]
-    summary["generations"], summary["metrics"] = _evaluate(summary["export"], tasks["forward_test"], n=16)
-    summary["stages"].append("evaluate")
+    summary["generations"], summary["metrics"], summary["ask"] = _evaluate(summary["export"], tasks["forward_test"], n=16)
+    summary["stages"] += ["evaluate", "ask"]
     summary["elapsed_s"] = round(time.time() - t0, 1)
     return summary
 
@@ -85,9 +86,11 @@ def _launch(accel: str, recipe: str, run_dir: str, overrides: list[str]) -> dict
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def _evaluate(export: str, folder: str, n: int) -> tuple[list[dict], dict]:
+def _evaluate(export: str, folder: str, n: int) -> tuple[list[dict], dict, dict]:
     """Greedy answers of the exported model for the first n held-out reactions, scored over every row
-    (a cut-off or invalid answer is wrong, not dropped); prints a few answers and the metrics table."""
+    (a cut-off or invalid answer is wrong, not dropped); prints a few answers and the metrics table; then
+    asks the model one question from SMILES (trainer.ask, the first held-out reaction's reactants)."""
+    from .ask import Assistant
     from .evaluate import compute
     from .experiments import markdown_table
     from .export import dataset_for, load_export
@@ -104,7 +107,13 @@ def _evaluate(export: str, folder: str, n: int) -> tuple[list[dict], dict]:
           + markdown_table([{"model": "demo stage 2", "rows": len(preds), **metrics}], ["model", "rows", *metrics]),
           file=sys.stderr)
     keep = ("input", "target", "prediction", "prediction_smiles")
-    return [{k: p[k] for k in keep} for p in preds[:4]], {"task": "forward", "rows": len(preds), **metrics}
+    reactants = preds[0]["metadata"]["input_smiles"]
+    answer = Assistant(tok, model, meta, export).ask(reactants, task="forward", max_new_tokens=96)
+    print(f"[ask] {answer['instruction']}\n      {reactants}\n      -> {answer['smiles'] or answer['answer']}",
+          file=sys.stderr)
+    ask = {"smiles": reactants, "task": "forward", "instruction": answer["instruction"], "answer": answer["answer"],
+           "answer_smiles": answer["smiles"], "valid": answer["valid"], "expected_smiles": preds[0]["target_smiles"]}
+    return [{k: p[k] for k in keep} for p in preds[:4]], {"task": "forward", "rows": len(preds), **metrics}, ask
 
 
 if __name__ == "__main__":
