@@ -29,6 +29,7 @@ INVALID_SELFIES = "invalid_selfies"
 MISSING_FIELD = "missing_field"
 MALFORMED_ROW = "malformed_row"
 BAD_REACTION = "bad_reaction"
+WORKER_CRASH = "worker_crash"  # the row killed its worker process every time it was tried (graph.preprocess)
 
 
 class Reject(Exception):
