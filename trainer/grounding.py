@@ -229,7 +229,8 @@ def read_molecules(sources: list[str], limit: int | None, rejects, progress: boo
             if isinstance(smiles, Reject):
                 raise smiles
             m = molecule(smiles, std, source, row)
-        except Reject as r:
+        except Exception as e:  # an RDKit failure nobody foresaw is recorded like graph.records does, not fatal
+            r = e if isinstance(e, Reject) else Reject("internal_error", repr(e)[:300])
             reasons[r.reason] += 1
             rejects.write(json.dumps({"source": source, "row": row, "input": shown[:1000], "reason": r.reason,
                                       "detail": r.detail}, ensure_ascii=False) + "\n")
