@@ -493,6 +493,10 @@ def main(argv=None) -> int:
                    "always run; ddp / zero need stage2_sdpa_varlen as their reference)")
     a = p.parse_args(argv)
     t_start = time.time()
+    wanted = set(CHECKS) if a.checks is None else set(a.checks.split(","))
+    if wanted - set(CHECKS):
+        print(f"--checks: unknown {sorted(wanted - set(CHECKS))}; known: {', '.join(CHECKS)}", file=sys.stderr)
+        return 2
     if a.cpu_smoke:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch initialises CUDA
     import torch
@@ -513,10 +517,6 @@ def main(argv=None) -> int:
     out_dir = os.path.abspath(a.out_dir or os.path.join(ROOT, "runs", "gpu_check", mode))
     os.makedirs(out_dir, exist_ok=True)
     deadline = Deadline(a.budget_s or (1800.0 if a.cpu_smoke else 460.0))
-    wanted = set(CHECKS) if a.checks is None else set(a.checks.split(","))
-    if wanted - set(CHECKS):
-        print(f"--checks: unknown {sorted(wanted - set(CHECKS))}; known: {', '.join(CHECKS)}", file=sys.stderr)
-        return 2
     results: dict = {}
     runs: dict = {}
     log(f"{mode}: {name}, {plan.world} processes, {plan.precision}, kernels {plan.kernels}; logs under {out_dir}")
