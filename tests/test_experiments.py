@@ -116,3 +116,32 @@ def test_compare_lines_pick_the_best_cell_and_count_cells_above_selfies_only():
     em, lev = compare(rows, ("exact_match", "levenshtein"))
     assert em.startswith("exact_match: best 0.5000 (graph_only)") and "beaten by 1 of 2 graph-token cells" in em
     assert lev.startswith("levenshtein: best 5.0000 (none/node)") and "beaten by 1 of 2" in lev  # lower is better
+
+
+def test_dynamic_cells_and_the_gates_table_name_the_favoured_and_the_best_static_level():
+    from trainer.experiments import Grid, cells, gates_section
+
+    grid = Grid(reductions=["hierarchical"], levels=[["node"], ["motif"]], prompts=["both", "graph_only"],
+                controls=["selfies_only"], dynamic=[{"name": "dyn", "fusion": "cross_attention", "prompt": "graph_only",
+                                                     "aligned": True}])
+    names = [c["name"] for c in cells(grid)]
+    assert names == ["hierarchical/node", "hierarchical/motif", "graph_only/hierarchical/node",
+                     "graph_only/hierarchical/motif", "selfies_only", "dyn"]
+    dyn = cells(grid)[-1]
+    assert dyn["projector"] == {"kind": "dynamic", "fusion": "cross_attention"} and dyn["aligned"] and not dyn["use_selfies"]
+
+    def row(cell, acc, selfies, levels, gates=None):
+        return {"cell": cell, "use_graph": True, "use_selfies": selfies, "dynamic": gates is not None, "levels": levels,
+                "metrics": {"accuracy": acc}, **({"gates": gates} if gates else {})}
+
+    gates = {"levels": ["node", "motif", "graph"],
+             "by_task": {"grounding": {"node": 0.2, "motif": 0.5, "graph": 0.3, "samples": 10}},
+             "by_question_type": {"has_ester": {"node": 0.1, "motif": 0.2, "graph": 0.7, "samples": 4},
+                                  "count_rings": {"node": 0.6, "motif": 0.3, "graph": 0.1, "samples": 6}}}
+    rows = [row("hierarchical/node", 0.9, True, "node"), row("graph_only/hierarchical/node", 0.4, False, "node"),
+            row("graph_only/hierarchical/motif", 0.6, False, "motif"), row("dyn", 0.5, False, "node+motif+graph", gates)]
+    text = "\n".join(gates_section("grounding", rows, "accuracy"))
+    # graph-only dynamic cell: compared with the best graph-only static cell (motif, 0.6), not the SELFIES one
+    assert "| dyn | 0.2000 | 0.5000 | 0.3000 | motif | graph_only/hierarchical/motif (0.6000) | motif |" in text
+    assert "| has_ester | 0.1000 | 0.2000 | 0.7000 | graph |" in text and "| count_rings | 0.6000 | 0.3000 | 0.1000 | node |" in text
+    assert gates_section("grounding", rows[:3], "accuracy") == []

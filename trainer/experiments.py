@@ -3,13 +3,19 @@
 Which graph level and which token reduction help which task, and how much the model leans on SELFIES:
 
     cells  = reductions x levels (graph tokens and SELFIES in the prompt)
+           [x prompts: `graph_only` repeats every static cell without SELFIES, e.g. graph_only/none/node]
            + selfies_only (no graph tokens: prompt.use_graph=false)
            + graph_only   (graph tokens, no SELFIES: prompt.use_selfies=false; control_projector's layout)
-    for each task: every cell trains stage 2 (LoRA) from ONE stage-1 checkpoint, same seed and budget,
-    then generates answers for the task's held-out rows and scores them (trainer.metrics).
+           + dynamic      (projector.kind=dynamic cells, trainer/projector.py; `aligned: true` ones start from a
+                           stage-1 run that first ran the align_selfies stage)
+    for each task: every cell trains stage 2 (LoRA) from ONE stage-1 checkpoint (two with aligned cells), same
+    seed and budget, then generates answers for the task's held-out rows and scores them (trainer.metrics).
+    The report puts, per task, the level the trained gates of each dynamic cell favour next to the level of
+    the best static cell: the paper's finding (each task wants its own level) made automatic.
 
 OUT_DIR/
   stage1/             the shared stage-1 run (projector alignment); run/align/export seeds every cell
+  stage1_aligned/     align_selfies then align, for the `aligned` dynamic cells (only when there are some)
   cells/TASK/CELL/    recipe.yaml, train.log, run/ (checkpoints, export), preds.jsonl, result.json
   results.csv         one row per (task, cell): settings, status, training loss, every metric
   results.md          the scale of the run, then one table per task
@@ -48,7 +54,10 @@ HEADLINE = {"forward": ("exact_match", "validity", "morgan_fts", "maccs_fts"),
             "reagent": ("exact_match", "validity", "morgan_fts", "maccs_fts"),
             "retrosynthesis": ("exact_match", "validity", "morgan_fts", "maccs_fts"),
             "molcap": ("bleu2", "bleu4", "rougeL", "meteor"),
-            "property": ("mae", "parsed")}
+            "property": ("mae", "parsed"),
+            "grounding": ("accuracy", "yesno_accuracy", "count_accuracy", "chance_accuracy")}
+PROMPTS = ("both", "graph_only")
+DYNAMIC_KEYS = {"name", "fusion", "condition", "reduction", "levels", "queries", "tasks", "aligned", "prompt"}
 
 
 @dataclass
@@ -57,6 +66,9 @@ class Grid:
     levels: list[list[str]] = field(default_factory=lambda: [["node"], ["motif"], ["graph"], list(LEVELS)])
     controls: list[str] = field(default_factory=lambda: list(CONTROLS))
     control_projector: dict = field(default_factory=lambda: {"reduction": "none", "levels": list(LEVELS)})
+    prompts: list[str] = field(default_factory=lambda: ["both"])  # both | graph_only, for the static cells
+    # dynamic projector cells: {name, fusion, condition, reduction, levels, queries, aligned, prompt: both|graph_only}
+    dynamic: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -82,6 +94,7 @@ class Recipe:
     grid: Grid = field(default_factory=Grid)
     eval: EvalSettings = field(default_factory=EvalSettings)
     align: dict = field(default_factory=dict)  # stage 1 section (trainer/stages/align.py); data defaults below
+    align_selfies: dict = field(default_factory=dict)  # for aligned cells (trainer/stages/align_selfies.py)
     lora: dict = field(default_factory=dict)  # stage 2 section; data, projector and prompt are set per cell
 
 
@@ -107,6 +120,17 @@ def load_recipe(path: str, overrides: list[str] = ()) -> Recipe:
             raise ConfigError(f"grid.controls: {c!r} is not one of {list(CONTROLS)}")
     if set(g.control_projector) - {"reduction", "levels"}:
         raise ConfigError("grid.control_projector: only reduction and levels")
+    for x in g.prompts:
+        if x not in PROMPTS:
+            raise ConfigError(f"grid.prompts: {x!r} is not one of {list(PROMPTS)}")
+    for i, d in enumerate(g.dynamic):
+        if not isinstance(d, dict) or "name" not in d or set(d) - DYNAMIC_KEYS:
+            raise ConfigError(f"grid.dynamic[{i}]: a mapping with a name and only {sorted(DYNAMIC_KEYS)}, got {d}")
+        if d.get("prompt", "both") not in PROMPTS:
+            raise ConfigError(f"grid.dynamic[{i}].prompt: one of {list(PROMPTS)}")
+    names = [c["name"] for c in cells(g)]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"grid: cell names repeat: {sorted({n for n in names if names.count(n) > 1})}")
     for key, launch in (("launch", r.launch), ("eval.launch", r.eval.launch)):
         if launch:
             _path(launch, key)
@@ -125,14 +149,20 @@ def _path(p: str, key: str) -> str:
 
 # -- the grid -------------------------------------------------------------------------------------------
 def cells(grid: Grid) -> list[dict]:
-    """[{name, reduction, levels, use_graph, use_selfies}] in table order."""
-    out = [{"name": f"{red}/{'+'.join(lv)}", "reduction": red, "levels": list(lv), "use_graph": True, "use_selfies": True}
-           for red in grid.reductions for lv in grid.levels]
+    """[{name, reduction, levels, use_graph, use_selfies, projector, aligned}] in table order."""
+    out = [{"name": ("" if pr == "both" else f"{pr}/") + f"{red}/{'+'.join(lv)}", "reduction": red, "levels": list(lv),
+            "use_graph": True, "use_selfies": pr == "both", "projector": {}, "aligned": False}
+           for pr in grid.prompts for red in grid.reductions for lv in grid.levels]
     cp = {"reduction": "none", "levels": list(LEVELS), **grid.control_projector}
     for c in grid.controls:
         graph = c == "graph_only"
         out.append({"name": c, "reduction": cp["reduction"] if graph else "-", "levels": cp["levels"] if graph else [],
-                    "use_graph": graph, "use_selfies": not graph})
+                    "use_graph": graph, "use_selfies": not graph, "projector": {}, "aligned": False})
+    for d in grid.dynamic:
+        proj = {"kind": "dynamic", **{k: d[k] for k in ("fusion", "condition", "queries", "tasks") if k in d}}
+        out.append({"name": d["name"], "reduction": d.get("reduction", "hierarchical"), "levels": list(d.get("levels", LEVELS)),
+                    "use_graph": True, "use_selfies": d.get("prompt", "both") == "both", "projector": proj,
+                    "aligned": bool(d.get("aligned", False))})
     return out
 
 
@@ -144,19 +174,25 @@ def _key(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def stage1_recipe(r: Recipe, folders: dict) -> dict:
+def stage1_recipe(r: Recipe, folders: dict, aligned: bool = False) -> dict:
+    """The shared stage-1 run; `aligned`: the align_selfies stage first (on every task's training molecules)."""
     align = copy.deepcopy(r.align)
     # the paper aligns on molecule-text pairs: description data when the study has it, else every task
     align.setdefault("data", [folders["molcap"]["train"]] if "molcap" in folders else [f["train"] for f in folders.values()])
-    return {"run_dir": os.path.join(r.out_dir, "stage1", "run"), "seed": r.seed, "log_with": r.log_with,
-            "mixed_precision": r.mixed_precision, "stages": ["align"], "align": align}
+    rec = {"run_dir": os.path.join(r.out_dir, "stage1_aligned" if aligned else "stage1", "run"), "seed": r.seed,
+           "log_with": r.log_with, "mixed_precision": r.mixed_precision, "stages": ["align"], "align": align}
+    if aligned:
+        a = copy.deepcopy(r.align_selfies)
+        a.setdefault("data", [f["train"] for f in folders.values()])
+        rec.update(stages=["align_selfies", "align"], align_selfies=a)
+    return rec
 
 
 def cell_recipe(r: Recipe, task: str, cell: dict, train: str, stage1_export: str) -> dict:
     lora = copy.deepcopy(r.lora)
     proj = {**lora.get("projector", {})}
     if cell["use_graph"]:
-        proj.update(reduction=cell["reduction"], levels=cell["levels"])
+        proj.update(reduction=cell["reduction"], levels=cell["levels"], **cell.get("projector", {}))
     prompt = {**lora.get("prompt", {}), "use_graph": cell["use_graph"], "use_selfies": cell["use_selfies"]}
     lora.update(data=[train], projector=proj, prompt=prompt,
                 init_projector=os.path.join(stage1_export, "projector"), init_encoder=os.path.join(stage1_export, "encoder"))
@@ -216,7 +252,7 @@ def train_run(recipe: dict, folder: str, launch: str | None) -> dict:
 
 def evaluate_cell(task: str, export: str, test: str, folder: str, ev: EvalSettings) -> tuple[dict, int]:
     """Generate answers for the held-out rows (`python -m trainer.generate`) and score every row."""
-    from .evaluate import compute, read_predictions
+    from .evaluate import compute, read_rows
 
     preds = os.path.join(folder, "preds.jsonl")
     cmd = [*_launcher(ev.launch), "-m", "trainer.generate", "--model", export, "--data", test, "--out", preds,
@@ -226,14 +262,15 @@ def evaluate_cell(task: str, export: str, test: str, folder: str, ev: EvalSettin
         p = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     if p.returncode != 0:
         raise RuntimeError(f"generation exited with {p.returncode}; see {os.path.join(folder, 'generate.log')}")
-    targets, outputs, _ = read_predictions(preds)
-    return compute(task, targets, outputs, text_tokenizer=ev.text_tokenizer), len(targets)
+    targets, outputs, metas, _ = read_rows(preds)
+    return compute(task, targets, outputs, text_tokenizer=ev.text_tokenizer, metadata=metas), len(targets)
 
 
 def run_cell(r: Recipe, task: str, cell: dict, recipe: dict, test: str, key: str) -> dict:
     folder = os.path.dirname(recipe["run_dir"])
     base = {"task": task, "cell": cell["name"], "reduction": cell["reduction"], "levels": "+".join(cell["levels"]) or "-",
-            "use_graph": cell["use_graph"], "use_selfies": cell["use_selfies"], "key": key}
+            "use_graph": cell["use_graph"], "use_selfies": cell["use_selfies"], "dynamic": bool(cell.get("projector")),
+            "aligned": cell.get("aligned", False), "key": key}
     t0 = time.time()
     try:
         summary = train_run(recipe, folder, r.launch)["stages"]["lora"]
@@ -242,6 +279,8 @@ def run_cell(r: Recipe, task: str, cell: dict, recipe: dict, test: str, key: str
         result = {**base, "status": "done", "steps": summary["steps"], "train_loss": summary.get("loss"),
                   "samples": summary.get("samples"), "n_eval": n, "train_s": round(t1 - t0, 1),
                   "eval_s": round(time.time() - t1, 1), "metrics": metrics}
+        if summary.get("gates"):
+            result["gates"] = summary["gates"]
     except Exception as e:  # one broken cell is reported and retried later; the study goes on
         result = {**base, "status": "failed", "error": f"{type(e).__name__}: {e}", "metrics": {}}
     atomic_write_json(result, os.path.join(folder, "result.json"))
@@ -298,8 +337,9 @@ def compare(rows: list[dict], metrics: tuple) -> list[str]:
 
 def write_reports(out_dir: str, results: list[dict], scale: str) -> dict:
     """results.csv, results.md and one bar chart per task; returns their paths."""
-    metric_names = sorted({k for x in results for k in x["metrics"]})
-    fixed = ["task", "cell", "reduction", "levels", "use_graph", "use_selfies", "status", "steps", "train_loss", "n_eval"]
+    metric_names = sorted({k for x in results for k, v in x["metrics"].items() if _scalar(v)})
+    fixed = ["task", "cell", "reduction", "levels", "use_graph", "use_selfies", "dynamic", "aligned", "status", "steps",
+             "train_loss", "n_eval"]
     with atomic_writer(os.path.join(out_dir, "results.csv")) as f:
         w = csv.writer(f)
         w.writerow(fixed + metric_names)
@@ -309,14 +349,68 @@ def write_reports(out_dir: str, results: list[dict], scale: str) -> dict:
     charts = {}
     for task in dict.fromkeys(x["task"] for x in results):
         rows = [x for x in results if x["task"] == task]
-        names = sorted({k for x in rows for k in x["metrics"]}, key=lambda k: (k not in HEADLINE.get(task, ()), k))
+        names = sorted({k for x in rows for k, v in x["metrics"].items() if _scalar(v)},
+                       key=lambda k: (k not in HEADLINE.get(task, ()), k))
         parts += [f"## {task}", "", markdown_table(rows, ["cell", "status", "train_loss", "n_eval", *names]), ""]
         parts += [f"- {line}" for line in compare(rows, HEADLINE.get(task, tuple(names[:2]))[:2])] + [""]
+        parts += gates_section(task, rows, HEADLINE.get(task, tuple(names[:1]))[0])
         charts[task] = bar_chart(os.path.join(out_dir, f"{task}.png"), task, rows, HEADLINE.get(task, tuple(names[:4])))
     parts += ["Cells that failed list `failed` and no metrics; see cells/TASK/CELL/train.log.", ""]
     with atomic_writer(os.path.join(out_dir, "results.md")) as f:
         f.write("\n".join(parts))
     return {"csv": os.path.join(out_dir, "results.csv"), "markdown": os.path.join(out_dir, "results.md"), "charts": charts}
+
+
+def _scalar(v) -> bool:
+    return v is None or isinstance(v, (int, float, str))
+
+
+def favoured(gates: dict, levels: list[str]) -> str:
+    return max(levels, key=lambda lv: gates.get(lv, 0.0))
+
+
+def best_static(rows: list[dict], metric: str, use_selfies: bool) -> dict | None:
+    """The best static reduction x level cell (graph tokens; with or without SELFIES) on `metric`."""
+    static = [x for x in rows if x["use_graph"] and not x.get("dynamic") and x["cell"] not in CONTROLS
+              and x["use_selfies"] == use_selfies and x["metrics"].get(metric) is not None]
+    if not static:
+        return None
+    pick = min if metric in LOWER_IS_BETTER else max
+    return pick(static, key=lambda x: x["metrics"][metric])
+
+
+def gates_section(task: str, rows: list[dict], metric: str) -> list[str]:
+    """Markdown: per dynamic cell, its trained gates (mean over the task's training rows), the level they favour
+    and the best static cell's level; then the gates per question type (the grounding probe has several)."""
+    dyn = [x for x in rows if x.get("gates")]
+    if not dyn:
+        return []
+    lines = [f"### {task}: level gates of the dynamic cells", "",
+             f"| cell | node | motif | graph | favoured | best static cell ({metric}) | its levels |", "|---|---|---|---|---|---|---|"]
+    for x in dyn:
+        g = x["gates"]
+        levels = g["levels"]
+        mean = _mean_gates(g["by_task"], levels)
+        best = best_static(rows, metric, x["use_selfies"])
+        lines.append(f"| {x['cell']} | " + " | ".join(_fmt(mean.get(lv)) for lv in LEVELS) + f" | {favoured(mean, levels)} | "
+                     + (f"{best['cell']} ({_fmt(best['metrics'][metric])}) | {best['levels']} |" if best else "- | - |"))
+    lines.append("")
+    for x in dyn:
+        by_qt = x["gates"].get("by_question_type") or {}
+        if len(by_qt) < 2:
+            continue
+        lines += [f"Gates of `{x['cell']}` per question type:", "", "| question type | node | motif | graph | favoured |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {qt} | " + " | ".join(_fmt(g.get(lv)) for lv in LEVELS) + f" | {favoured(g, x['gates']['levels'])} |"
+                  for qt, g in by_qt.items()]
+        lines.append("")
+    return lines
+
+
+def _mean_gates(by_task: dict, levels: list[str]) -> dict:
+    """Sample-weighted mean of the per-task gates (a cell trains on one task, so usually that task's)."""
+    n = sum(g["samples"] for g in by_task.values()) or 1
+    return {lv: sum(g[lv] * g["samples"] for g in by_task.values()) / n for lv in levels}
 
 
 def bar_chart(path: str, task: str, rows: list[dict], metrics: tuple) -> str:
@@ -350,6 +444,9 @@ def task_folders(r: Recipe) -> dict:
     """{task: {train, test}}: the recipe's folders, the shipped samples built into OUT_DIR/data otherwise."""
     folders = {t: {k: _path(v, f"data.{t}.{k}") for k, v in r.data[t].items()} for t in r.tasks if t in r.data}
     missing = [t for t in r.tasks if t not in folders]
+    if "grounding" in missing:
+        folders["grounding"] = grounding_folders(os.path.join(r.out_dir, "data"))
+        missing.remove("grounding")
     if missing:
         from .tasks import SHIPPED, _ray, prepare_shipped
 
@@ -362,6 +459,22 @@ def task_folders(r: Recipe) -> dict:
             test = prepare_shipped(out, tuple(missing), "test")
         folders.update({t: {"train": train[t], "test": test[t]} for t in missing})
     return folders
+
+
+def grounding_folders(out: str, sources: list[str] | None = None, **kw) -> dict:
+    """The grounding probe from real molecules (default: the shipped ChEBI-20 files; trainer.grounding), its
+    held-out molecules disjoint by InChIKey, preprocessed into OUT/grounding_{train,test}; reruns reuse both."""
+    from graph.preprocess import run as preprocess
+
+    from .grounding import build
+    from .tasks import _ray
+
+    os.makedirs(out, exist_ok=True)
+    files = {s: os.path.join(out, f"grounding_{s}.jsonl") for s in ("train", "test")}
+    if not all(os.path.exists(f) for f in files.values()):
+        build(sources, files["train"], files["test"], **kw)
+    with _ray():
+        return {s: (preprocess(f, f[:-6], fmt="instructions", progress=False), f[:-6])[1] for s, f in files.items()}
 
 
 def scale_line(r: Recipe, stage1: dict, folders: dict) -> str:
@@ -382,27 +495,22 @@ def run(r: Recipe) -> dict:
     r.out_dir = os.path.abspath(r.out_dir)
     os.makedirs(r.out_dir, exist_ok=True)
     folders = task_folders(r)
-    s1 = stage1_recipe(r, folders)
     grid = cells(r.grid)
-    export = os.path.join(s1["run_dir"], "align", "export")
-    plan = [(t, c, cell_recipe(r, t, c, folders[t]["train"], export)) for t in r.tasks for c in grid]
-    validate_runs([s1] + [rec for _, _, rec in plan])  # every run's recipe, before any training
-    s1_key = train_key(s1, r.launch)
-    s1_done = _read_json(os.path.join(r.out_dir, "stage1", "result.json"))
-    if s1_done and s1_done.get("key") == s1_key and os.path.isdir(export):
-        stage1 = s1_done
-        print(f"[experiments] stage 1 reused: {export}", file=sys.stderr)
-    else:
-        print("[experiments] stage 1 (projector alignment)", file=sys.stderr)
-        m = train_run(s1, os.path.join(r.out_dir, "stage1"), r.launch)["stages"]["align"]
-        stage1 = {"key": s1_key, "steps": m["steps"], "loss": m.get("loss"), "export": m["export"]}
-        atomic_write_json(stage1, os.path.join(r.out_dir, "stage1", "result.json"))
+    s1s = {False: stage1_recipe(r, folders)}
+    if any(c["aligned"] for c in grid):
+        s1s[True] = stage1_recipe(r, folders, aligned=True)
+    exports = {a: os.path.join(rec["run_dir"], "align", "export") for a, rec in s1s.items()}
+    plan = [(t, c, cell_recipe(r, t, c, folders[t]["train"], exports[c["aligned"]])) for t in r.tasks for c in grid]
+    validate_runs(list(s1s.values()) + [rec for _, _, rec in plan])  # every run's recipe, before any training
+    s1_keys = {a: train_key(rec, r.launch) for a, rec in s1s.items()}
+    stage1 = {a: stage1_run(r, rec, s1_keys[a], exports[a]) for a, rec in s1s.items()}[False]
     scale = scale_line(r, stage1, folders)
     print(f"[experiments] {len(plan)} cells ({len(r.tasks)} tasks x {len(grid)}). {scale}", file=sys.stderr)
     results, ran, skipped = [], 0, 0
     for task, cell, rec in tqdm(plan, desc="cells", file=sys.stderr):
         scoring = {k: getattr(r.eval, k) for k in ("limit", "max_new_tokens", "num_beams", "text_tokenizer")}
-        key = _key({"stage1": s1_key, "run": rec, "launch": r.launch, "eval": scoring, "test": folders[task]["test"]})
+        key = _key({"stage1": s1_keys[cell["aligned"]], "run": rec, "launch": r.launch, "eval": scoring,
+                    "test": folders[task]["test"]})
         done = _read_json(os.path.join(os.path.dirname(rec["run_dir"]), "result.json"))
         if done and done.get("status") == "done" and done.get("key") == key:
             results.append(done)
@@ -419,6 +527,24 @@ def run(r: Recipe) -> dict:
     failed = [f"{x['task']} {x['cell']}" for x in results if x["status"] != "done"]
     return {"out_dir": r.out_dir, "cells": len(results), "ran": ran, "skipped": skipped, "failed": failed,
             "scale": scale, **reports}
+
+
+def stage1_run(r: Recipe, rec: dict, key: str, export: str) -> dict:
+    """Run (or reuse, when its result.json has the same key) one shared stage-1 run."""
+    folder = os.path.dirname(rec["run_dir"])
+    done = _read_json(os.path.join(folder, "result.json"))
+    if done and done.get("key") == key and os.path.isdir(export):
+        print(f"[experiments] stage 1 reused: {export}", file=sys.stderr)
+        return done
+    print(f"[experiments] stage 1 ({' -> '.join(rec['stages'])})", file=sys.stderr)
+    stages = train_run(rec, folder, r.launch)["stages"]
+    m = stages["align"]
+    out = {"key": key, "steps": m["steps"], "loss": m.get("loss"), "export": m["export"]}
+    if "align_selfies" in stages:
+        a = stages["align_selfies"]
+        out["align_selfies"] = {"steps": a["steps"], "loss": a.get("loss"), "selfies_contrastive": a.get("selfies_contrastive")}
+    atomic_write_json(out, os.path.join(folder, "result.json"))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

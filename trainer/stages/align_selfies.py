@@ -27,9 +27,9 @@ class Config(multimodal.Config):
 def validate(cfg: Config) -> None:
     if cfg.lora is not None:
         raise multimodal.ConfigError("align_selfies.lora: this stage trains the projector only")
-    if cfg.prompt.use_selfies or not cfg.prompt.use_graph:
-        raise multimodal.ConfigError("align_selfies.prompt: the SELFIES is the answer here, so use_selfies must be "
-                                     "false and use_graph true")
+    if not cfg.prompt.use_graph:
+        raise multimodal.ConfigError("align_selfies.prompt.use_graph: this stage aligns graph tokens; it must be true")
+    cfg.prompt.use_selfies = False  # the SELFIES is the answer here, never in the prompt (a partial `prompt:` resets it)
     multimodal.validate(cfg, "align_selfies")
 
 
