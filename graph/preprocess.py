@@ -118,7 +118,8 @@ def connect_ray(address: str | None = None, workers: int | None = None) -> bool:
         ray.init(address=address, log_to_driver=False)
     else:  # a local cluster sized to this machine (or to --workers)
         cpus = max(workers or 0, os.cpu_count() or 1)
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False,
+        # address="local": a new cluster, even when `ray start` left one running on this machine
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
                  object_store_memory=256 * 1024 * 1024)
     return True
 

@@ -18,7 +18,7 @@ def local_ray():
     """A real local Ray cluster with 2 CPUs, shut down on exit."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 1024 * 1024)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 1024 * 1024)
     try:
         yield ray
     finally:

@@ -51,7 +51,9 @@ def _generate(model, tok, items, max_new_tokens, num_beams):
         mask[i, width - len(p):] = 1
     graphs = [g for it in items for g in it["graphs"]]
     batch = Batch.from_data_list(graphs).to(device) if graphs else None
-    embeds = model.embed(ids.to(device), batch, len(graphs))
+    from .collator import condition_inputs
+
+    embeds = model.embed(ids.to(device), batch, len(graphs), condition_inputs(items))  # a dynamic projector's condition
     out = model.llm.generate(inputs_embeds=embeds, attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                              do_sample=False, num_beams=num_beams, pad_token_id=tok.pad_token_id,
                              eos_token_id=tok.eos_token_id, use_cache=True)  # training loads set use_cache=False
