@@ -43,7 +43,9 @@ def _check(lm, folder, world):
         key = name if name in where else "model.embed_tokens.weight"  # tied head: the file holds the embedding once
         with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
             with safe_open(where[key], framework="pt") as f:
-                max_diff = max(max_diff, float((p.data - f.get_tensor(key).to(p.dtype)).abs().max()))
+                stored = f.get_tensor(key)
+                share_ok &= p.dtype == stored.dtype  # fp32 in, fp32 out (no silent bf16 rounding)
+                max_diff = max(max_diff, float((p.data.double() - stored.double()).abs().max()))
         checked += 1
     return {"share_ok": bool(share_ok), "max_diff": max_diff, "checked": checked,
             "local": sum(p.ds_tensor.numel() for p in lm.parameters()), "full": sum(p.ds_numel for p in lm.parameters())}

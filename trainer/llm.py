@@ -37,7 +37,7 @@ def cache_dir() -> str:
 
 def _smollm2_folder() -> str:
     """The dequantised SmolLM2 as a safetensors folder, built once (atomically) from the package's GGUF."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     folder = os.path.join(cache_dir(), "smollm2-135m-instruct")
     if os.path.exists(os.path.join(folder, "config.json")):
@@ -48,6 +48,13 @@ def _smollm2_folder() -> str:
                                 "(make setup does this); or pass a hub id / local folder")
     src = spec.submodule_search_locations[0]
     tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+    with _without_hf_zero3():
+        return _save_dequantised(src, folder, tok)
+
+
+def _save_dequantised(src: str, folder: str, tok) -> str:
+    from transformers import AutoModelForCausalLM
+
     gguf = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     cfg = gguf.config
     if hasattr(cfg, "quantization_config"):
@@ -77,8 +84,9 @@ def _tiny_folder(seed: int = 0, attn_implementation: str = "sdpa") -> str:
         return folder
     tok = load_tokenizer(SMOLLM2)
     torch.manual_seed(seed)
-    lm = AutoModelForCausalLM.from_config(tiny_llama_config(len(tok) - 1, attn_implementation=attn_implementation),
-                                          dtype=torch.float32)
+    with _without_hf_zero3():  # whole on every process, also when first made inside a ZeRO-3 run
+        lm = AutoModelForCausalLM.from_config(tiny_llama_config(len(tok) - 1, attn_implementation=attn_implementation),
+                                              dtype=torch.float32)
     tmp = f"{folder}.tmp{os.getpid()}"
     lm.save_pretrained(tmp)
     tok.save_pretrained(tmp)
@@ -196,6 +204,7 @@ def build_zero3(path: str, dtype: torch.dtype, attn_implementation: str, trust_r
     """A causal LM built inside `deepspeed.zero.Init` (each module partitioned as it is constructed, no
     random init) and filled slice by slice from its safetensors files (`load_partitions`)."""
     import deepspeed
+    from deepspeed.accelerator import get_accelerator
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
     from transformers.integrations.deepspeed import prevent_arange_dtype_change
@@ -205,8 +214,12 @@ def build_zero3(path: str, dtype: torch.dtype, attn_implementation: str, trust_r
     cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     # our own zero.Init with transformers' guards (RoPE buffers keep their dtype; set_zero3_state keeps
     # from_config from opening a second zero.Init and from re-initialising every module gathered on rank 0)
+    # zero.Init(dtype=X) gives bf16 wherever fp16 is unsupported (DeepSpeed 0.19.8 `_set_dtype`: `dtype or
+    # fp16 if fp16_supported else bf16`), e.g. on CPU: pass it only where it is honoured; else the config's
+    # bf16 / fp16 switch decides, as in transformers' own ZeRO-3 path
+    honoured = get_accelerator().is_fp16_supported()
     with no_init_weights(), prevent_arange_dtype_change(), \
-            deepspeed.zero.Init(config_dict_or_path=_ds_config(), dtype=dtype), set_zero3_state():
+            deepspeed.zero.Init(config_dict_or_path=_ds_config(), dtype=dtype if honoured else None), set_zero3_state():
         lm = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=attn_implementation,
                                               trust_remote_code=trust_remote_code)
     lm.tie_weights()
