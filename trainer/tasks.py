@@ -2,6 +2,8 @@
 
     folder = prepare("molcap", "data/chebi20/train.txt", "runs/data")   # runs/data/molcap_train/
 Reruns reuse finished work: the JSONL is rewritten only when missing, and preprocessing resumes.
+OUT_ROOT/NAME.conversion.json keeps the conversion's row counts and rejects; `record_overlap` (called by
+`prepare_shipped` for a held-out split) writes the train/test overlap figure (trainer.data) to a report file.
 """
 from __future__ import annotations
 
