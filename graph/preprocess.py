@@ -12,8 +12,9 @@ The chunk that was running is charged one attempt; after `max_retries` retries i
 single molecule that still kills its worker becomes a `worker_crash` reject. A bisected chunk is put
 back together by the driver into the same shard a clean run writes.
 
-Writes OUTPUT/manifest.json (input_rows, accepted, rejected, rejected_by_reason, shards, settings)
-and OUTPUT/rejects.jsonl (row, input, reason, detail), merged in row order from the chunk summaries.
+Writes OUTPUT/manifest.json (input_rows, accepted, rejected, rejected_by_reason, shards, settings, and
+this run's retries / lost_workers / bisected_chunks) and OUTPUT/rejects.jsonl (row, input, reason,
+detail), merged in row order from the chunk summaries.
 """
 from __future__ import annotations
 
@@ -291,7 +292,8 @@ class _Pool:
             return self.ray.get(fut)
         except self.ray.exceptions.RayActorError as e:
             if e.actor_init_failed:
-                raise WorkerPoolError(f"a preprocessing actor failed to start: {str(e).splitlines()[0][:500]}") from None
+                first_line = str(e).splitlines()[0][:500]
+                raise WorkerPoolError(f"a preprocessing actor failed to start: {first_line}") from None
             return None
         except self.lost_errors:
             return None
