@@ -57,6 +57,8 @@ def test_two_cell_grid_table_chart_and_rerun_skips(tmp_path, folders):
     assert len(preds) == 3 and "<graph>" not in preds[0]["input"]
     md = (out / "results.md").read_text()
     assert "## forward" in md and "| hierarchical/node+motif+graph | done |" in md and "Scale:" in md
+    leak = s["overlap"]["forward"]  # the held-out reactions checked against the training ones (shipped: none shared)
+    assert leak["test_rows"] > 0 and leak["overlapping_rows"] == 0 and "Leak check" in md and "forward: 0 of" in md
     assert "beaten by" in md and "of 1 graph-token cells" in md
     png = (out / "forward.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000

@@ -505,6 +505,9 @@ def run(r: Recipe) -> dict:
     s1_keys = {a: train_key(rec, r.launch) for a, rec in s1s.items()}
     stage1 = {a: stage1_run(r, rec, s1_keys[a], exports[a]) for a, rec in s1s.items()}[False]
     scale = scale_line(r, stage1, folders)
+    leaks = leak_check(r.out_dir, folders)
+    scale += "\n\nLeak check (held-out rows whose molecules occur in the task's training data; trainer.data.overlap): " \
+        + "; ".join(x["summary"] for x in leaks.values()) + "."
     print(f"[experiments] {len(plan)} cells ({len(r.tasks)} tasks x {len(grid)}). {scale}", file=sys.stderr)
     results, ran, skipped = [], 0, 0
     for task, cell, rec in tqdm(plan, desc="cells", file=sys.stderr):
@@ -526,7 +529,20 @@ def run(r: Recipe) -> dict:
         print(f.read(), file=sys.stderr)
     failed = [f"{x['task']} {x['cell']}" for x in results if x["status"] != "done"]
     return {"out_dir": r.out_dir, "cells": len(results), "ran": ran, "skipped": skipped, "failed": failed,
-            "scale": scale, **reports}
+            "scale": scale, "overlap": {t: {k: x[k] for k in ("test_rows", "overlapping_rows", "overlap_fraction")}
+                                        for t, x in leaks.items()}, **reports}
+
+
+def leak_check(out_dir: str, folders: dict) -> dict:
+    """{task: overlap of its held-out rows with its training rows} (OUT_DIR/overlap.json), by standardised InChIKey."""
+    from .data import overlap, summary_line
+
+    out = {}
+    for t, f in folders.items():
+        x = overlap([f["train"]], f["test"], task=t)
+        out[t] = {**x, "summary": summary_line(x, t)}
+    atomic_write_json(out, os.path.join(out_dir, "overlap.json"))
+    return out
 
 
 def stage1_run(r: Recipe, rec: dict, key: str, export: str) -> dict:
