@@ -347,6 +347,9 @@ def pubchem_run(folder: str, output: str, limit: int | None = None, progress: bo
 
 def run(task: str, path: str, output: str, limit: int | None = None, properties: list[str] | None = None,
         progress: bool = True) -> dict:
+    if task == "grounding":  # two outputs (training, held out): its own builder decides the split
+        raise ValueError("the grounding task writes a training and a held-out file: use trainer.grounding.build "
+                         "(or `python -m trainer.converters grounding`)")
     properties = properties or list(QM9_PROPERTIES)
     rows, make, show = _reader(task, path, properties)
     # QM9 has many molecules under 5 heavy atoms; preprocessing applies its own size filter later

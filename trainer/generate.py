@@ -76,6 +76,8 @@ def to_smiles(answer: str) -> str | None:
 def predict(model, tok, dataset, rows: list[int], batch_size: int, **kw) -> list[dict]:
     from tqdm import tqdm
 
+    from .instructions import metadata_dict
+
     out = []
     for s in tqdm(range(0, len(rows), batch_size), desc="generate", file=sys.stderr, disable=len(rows) <= batch_size):
         items = [dataset[k] for k in rows[s:s + batch_size]]
@@ -83,19 +85,8 @@ def predict(model, tok, dataset, rows: list[int], batch_size: int, **kw) -> list
             rec = dataset.record(it["index"])
             out.append({"row": it["row"], "instruction": rec["instruction"], "input": rec["input"],
                         "target": rec["output"], "prediction": answer, "prediction_smiles": to_smiles(answer),
-                        "target_smiles": rec.get("output_smiles"), "metadata": record_metadata(rec)})
+                        "target_smiles": rec.get("output_smiles"), "metadata": metadata_dict(rec.get("metadata"))})
     return out
-
-
-def record_metadata(rec: dict) -> dict | None:
-    """A shard row's metadata as a dict (shards store it as JSON text; graph/records.py), None if absent."""
-    meta = rec.get("metadata")
-    if isinstance(meta, str):
-        try:
-            meta = json.loads(meta)
-        except ValueError:
-            return None
-    return meta if isinstance(meta, dict) else None
 
 
 def process_state():

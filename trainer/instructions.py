@@ -166,8 +166,8 @@ class InstructionDataset(torch.utils.data.Dataset):
         return self.shards.record(self.index[k])
 
 
-def meta_field(metadata, key: str):
-    """metadata[key] of a row (stored as a JSON string in shards), or None."""
+def metadata_dict(metadata) -> dict | None:
+    """A row's metadata as a dict (shards store it as JSON text; graph/records.py), None if absent or not an object."""
     if isinstance(metadata, str):
         import json
 
@@ -175,7 +175,12 @@ def meta_field(metadata, key: str):
             metadata = json.loads(metadata)
         except ValueError:
             return None
-    return metadata.get(key) if isinstance(metadata, dict) else None
+    return metadata if isinstance(metadata, dict) else None
+
+
+def meta_field(metadata, key: str):
+    """metadata[key] of a row, or None."""
+    return (metadata_dict(metadata) or {}).get(key)
 
 
 def _read_columns(folder: str, files: list[str], cols: list[str]):
