@@ -43,6 +43,8 @@ bench: setup
 	$(PY) -m benchmarks.collator
 	$(PY) -m benchmarks.train_step
 	$(PY) -m benchmarks.zero_memory
+	$(PY) -m benchmarks.grounding
+	$(PY) -m benchmarks.gpu_check
 
 clean:
 	rm -rf runs .cache .pytest_cache
