@@ -114,6 +114,8 @@ def test_zero3_build_streams_partitions(tmp_path, folders):
 
     from trainer.llm import load_tokenizer
 
+    from test_llm_stages import _zero3_config  # ds_configs/zero3.json with the persistence thresholds at 0
+
     mid, tiny = folders
     out = tmp_path / "report.json"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
@@ -148,15 +150,6 @@ def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _zero3_config(tmp):
-    with open(os.path.join(ROOT, "ds_configs", "zero3.json")) as f:
-        cfg = json.load(f)
-    cfg["zero_optimization"].update(stage3_param_persistence_threshold=0, stage3_model_persistence_threshold=0)
-    path = tmp / "zero3_test.json"
-    path.write_text(json.dumps(cfg))
-    return str(path)
 
 
 if __name__ == "__main__":
