@@ -218,6 +218,7 @@ def build_zero3(path: str, dtype: torch.dtype, attn_implementation: str, trust_r
     # fp16 if fp16_supported else bf16`), e.g. on CPU: pass it only where it is honoured; else the config's
     # bf16 / fp16 switch decides, as in transformers' own ZeRO-3 path
     honoured = get_accelerator().is_fp16_supported()
+    _import_model_class(cfg)
     with no_init_weights(), prevent_arange_dtype_change(), \
             deepspeed.zero.Init(config_dict_or_path=_ds_config(), dtype=dtype if honoured else None), set_zero3_state():
         lm = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=attn_implementation,
@@ -225,6 +226,18 @@ def build_zero3(path: str, dtype: torch.dtype, attn_implementation: str, trust_r
     lm.tie_weights()
     load_partitions(lm, files)
     return lm
+
+
+def _import_model_class(cfg) -> None:
+    """Import the LM's modeling module before zero.Init. A class *created* inside zero.Init loses any
+    decorator that replaced its __init__: DeepSpeed records the undecorated __init__ at class creation and
+    puts it back on exit (DeepSpeed 0.19.8 `_init_subclass` / `_disable_class`). transformers >= 5.25 wraps
+    LlamaAttention.__init__ that way (hub kernels), so every LLaMA built after the ZeRO-3 one crashed in
+    forward with "no attribute '_kernel_funcs'"."""
+    from transformers import AutoModelForCausalLM
+
+    if type(cfg) in AutoModelForCausalLM._model_mapping:  # remote-code models import through auto_map instead
+        AutoModelForCausalLM._model_mapping[type(cfg)]
 
 
 def safetensors_files(path: str) -> list[str]:
