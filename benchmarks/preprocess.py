@@ -33,8 +33,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHUNK = 1000
 TARGETS = {"cost_ratio_to_floor_max": 1.3, "driver_rss_ratio_200k_over_20k_max": 1.2}
 SIZES = {  # molecules per measurement
-    "full": {"ratio": 5000, "speedup": 20000, "rss_large": 200000},
-    "quick": {"ratio": 300, "speedup": 1500, "rss_large": 6000},
+    "full": {"ratio": 5000, "speedup": 20000, "rss_large": 200000, "repeats": 2},
+    "quick": {"ratio": 200, "speedup": 1500, "rss_large": 3000, "repeats": 1},
 }
 
 # Runs the CLI in this process and then reports this process's own peak RSS (kB on Linux); Ray
@@ -184,9 +184,9 @@ def write_smi(smiles: list[str], path: str) -> str:
     return path
 
 
-def ray_runs(sizes: dict, tmp: str, repeats: int = 2) -> dict:
+def ray_runs(sizes: dict, tmp: str) -> dict:
     """CLI runs on MOSES train: 1 vs 2 workers on the speedup slice, then 2 workers on the large slice."""
-    train = moses_smiles("train", sizes["rss_large"])
+    train, repeats = moses_smiles("train", sizes["rss_large"]), sizes["repeats"]
     warm = write_smi(train[:2 * CHUNK], os.path.join(tmp, "warm.smi"))
     small = write_smi(train[:sizes["speedup"]], os.path.join(tmp, "small.smi"))
     large = write_smi(train, os.path.join(tmp, "large.smi"))

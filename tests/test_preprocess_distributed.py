@@ -11,7 +11,7 @@ import pytest
 from conftest import DATA, ROOT
 from graph.preprocess import read_table, run
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_session_ray")]
 CHEBI = os.path.join(DATA, "chebi20", "train.txt")
 
 
