@@ -197,7 +197,8 @@ def ray_runs(sizes: dict, tmp: str) -> dict:
     try:
         with ray_head(ray_tmp) as address:
             log(f"Ray head at {address}")
-            run_cli(warm, next(dirs), 2, address)  # untimed: first process start-ups, page cache
+            if repeats > 1:  # untimed: first process start-ups, page cache (a --quick smoke run skips it)
+                run_cli(warm, next(dirs), 2, address)
             for _ in range(repeats):  # alternate, keep the best: load from other processes hits both
                 for workers in (1, 2):
                     runs[workers].append(run_cli(small, next(dirs), workers, address))

@@ -69,8 +69,8 @@ def test_two_cell_grid_table_chart_and_rerun_skips(tmp_path, folders):
     s2 = json.loads(again.stdout.strip().splitlines()[-1])
     assert (s2["ran"], s2["skipped"]) == (0, 2) and "stage 1 reused" in again.stderr
     assert stamps == {p: os.path.getmtime(p) for p in out.glob("cells/forward/*/result.json")}
-    # in a smaller grid, new scoring settings re-score without retraining; a new training setting retrains
-    # from scratch (never from the other run's checkpoint)
+    # in a smaller grid, new scoring settings re-score without retraining (a new training setting retrains
+    # from scratch: test_changed_training_settings_never_resume_another_runs_checkpoint)
     cell = out / "cells" / "forward" / "hierarchical__node-motif-graph"
     ckpt, log = cell / "run" / "lora" / "checkpoints" / "step-2", cell / "run" / "lora" / "metrics.jsonl"
     trained, losses = os.path.getmtime(ckpt), log.read_text()
@@ -78,12 +78,26 @@ def test_two_cell_grid_table_chart_and_rerun_skips(tmp_path, folders):
     s4 = json.loads(fourth.stdout.strip().splitlines()[-1])
     assert fourth.returncode == 0 and (s4["cells"], s4["ran"], s4["skipped"]) == (1, 1, 0)
     assert os.path.getmtime(ckpt) == trained and log.read_text() == losses and "resumed from" in (cell / "train.log").read_text()
-    fifth = cli("trainer.experiments", "--config", recipe, "grid.controls=[]", "lora.train.lr=0.01", timeout=300)
-    assert fifth.returncode == 0 and json.loads(fifth.stdout.strip().splitlines()[-1])["ran"] == 1
-    new = [json.loads(line) for line in log.read_text().splitlines()]
-    old = [json.loads(line) for line in losses.splitlines()]
-    assert [x["step"] for x in new] == [1, 2] and os.path.getmtime(ckpt) > trained  # a fresh run, not resumed
-    assert new[0]["lora/loss"] == pytest.approx(old[0]["lora/loss"]) and new[1]["lora/loss"] != old[1]["lora/loss"]
+
+
+def test_changed_training_settings_never_resume_another_runs_checkpoint(tmp_path):
+    from trainer.experiments import claim_run_dir
+
+    run_dir = tmp_path / "run"
+    recipe = {"run_dir": str(run_dir), "seed": 0, "lora": {"train": {"lr": 3e-3, "max_steps": 2}}}
+
+    def checkpoint():
+        (run_dir / "lora" / "checkpoints" / "step-2").mkdir(parents=True, exist_ok=True)
+        return run_dir / "lora" / "checkpoints" / "step-2"
+
+    assert not claim_run_dir(recipe, str(tmp_path / "cell"), None)  # a first run: nothing to keep
+    ckpt = checkpoint()
+    assert claim_run_dir(recipe, str(tmp_path / "cell"), None) and ckpt.exists()  # the same run resumes
+    changed = {**recipe, "lora": {"train": {"lr": 1e-2, "max_steps": 2}}}
+    assert not claim_run_dir(changed, str(tmp_path / "cell"), None) and not ckpt.exists()  # another run: from scratch
+    ckpt = checkpoint()
+    assert not claim_run_dir(changed, str(tmp_path / "cell"), "cpu_2proc.yaml") and not ckpt.exists()  # another launch too
+    assert claim_run_dir(changed, str(tmp_path / "cell"), "cpu_2proc.yaml")
 
 
 def test_bad_experiment_recipes_fail_before_training(tmp_path, folders):

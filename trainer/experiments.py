@@ -228,18 +228,26 @@ def train_key(recipe: dict, launch: str | None) -> str:
     return _key({"run": recipe, "launch": launch})
 
 
-def train_run(recipe: dict, folder: str, launch: str | None) -> dict:
-    """`trainer/run.py` on the recipe in a subprocess (log in FOLDER/train.log); its JSON summary.
-    The same recipe resumes from its last checkpoint (a finished run returns at once); another recipe
-    starts from scratch: resuming another run's checkpoint would report that run's model."""
+def claim_run_dir(recipe: dict, folder: str, launch: str | None) -> bool:
+    """Keep the recipe's run_dir (checkpoints to resume) only when it was trained by this very run
+    (FOLDER/train_key); else empty it. True when it was kept."""
     import shutil
 
     os.makedirs(folder, exist_ok=True)
     key, key_file = train_key(recipe, launch), os.path.join(folder, "train_key")
-    if not os.path.exists(key_file) or open(key_file).read() != key:
-        shutil.rmtree(recipe["run_dir"], ignore_errors=True)
-        with open(key_file, "w") as f:
-            f.write(key)
+    if os.path.exists(key_file) and open(key_file).read() == key:
+        return True
+    shutil.rmtree(recipe["run_dir"], ignore_errors=True)
+    with open(key_file, "w") as f:
+        f.write(key)
+    return False
+
+
+def train_run(recipe: dict, folder: str, launch: str | None) -> dict:
+    """`trainer/run.py` on the recipe in a subprocess (log in FOLDER/train.log); its JSON summary.
+    The same recipe resumes from its last checkpoint (a finished run returns at once); another recipe
+    starts from scratch: resuming another run's checkpoint would report that run's model."""
+    claim_run_dir(recipe, folder, launch)
     path = os.path.join(folder, "recipe.yaml")
     with open(path, "w") as f:
         yaml.safe_dump(recipe, f)
