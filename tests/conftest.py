@@ -26,7 +26,7 @@ def session_ray():
 @pytest.fixture(scope="module")
 def ray_local():
     """The session's local Ray cluster, for a test module."""
-    yield session_ray()
+    return session_ray()
 
 
 @pytest.fixture

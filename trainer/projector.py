@@ -101,7 +101,8 @@ def _make(kind: str, d_in: int, d_out: int) -> nn.Module:
     return nn.Sequential(nn.Linear(d_in, d_out), nn.GELU(), nn.Linear(d_out, d_out))
 
 
-def _segment_mean(x: torch.Tensor, seg: torch.Tensor, n: int) -> torch.Tensor:
+def segment_mean(x: torch.Tensor, seg: torch.Tensor, n: int) -> torch.Tensor:
+    """Mean of the rows of x per segment id in [0, n); an empty segment gives zeros."""
     out = x.new_zeros(n, x.size(1)).index_add_(0, seg, x)
     count = torch.bincount(seg, minlength=n).clamp(min=1).to(x.dtype)
     return out / count.unsqueeze(1)
@@ -203,7 +204,7 @@ class GraphProjector(nn.Module):
             h, b = rows[lv]
             h = self.proj[lv if cfg.per_level else "shared"](h)
             if cfg.reduction == "hierarchical" or (gates is not None and cfg.reduction == "all"):
-                h, b = _segment_mean(h, b, num_mols), torch.arange(num_mols, device=h.device)
+                h, b = segment_mean(h, b, num_mols), torch.arange(num_mols, device=h.device)
             if gates is not None:  # uniform gates (1 / L) leave a level's tokens as they are
                 h = h * (len(cfg.levels) * gates[b, rank]).unsqueeze(1)
             toks.append(h)
@@ -211,7 +212,7 @@ class GraphProjector(nn.Module):
             order.append(torch.full_like(b, rank))
         h, b, lvl = torch.cat(toks), torch.cat(mols), torch.cat(order)
         if cfg.reduction == "all":  # dynamic: the gated level means, averaged = the g-weighted mean
-            return _segment_mean(h, b, num_mols), torch.arange(num_mols, device=h.device)
+            return segment_mean(h, b, num_mols), torch.arange(num_mols, device=h.device)
         # group by molecule, level order inside; a stable sort keeps atom / motif order within a level
         key = b * len(LEVELS) + lvl
         perm = torch.sort(key, stable=True).indices

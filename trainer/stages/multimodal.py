@@ -29,8 +29,8 @@ from ..config import ConfigError, TrainConfig, check_path
 from ..export import gathered_state, load_export, save_export
 from ..instructions import InstructionDataset, PromptConfig, TaskMix
 from ..loop import prepare_training, train
-from ..projector import (CONDITIONS, FUSIONS, KINDS, LEVELS, REDUCTIONS, GraphProjector, ProjectorConfig, _segment_mean,
-                         layout_queries)
+from ..projector import (CONDITIONS, FUSIONS, KINDS, LEVELS, REDUCTIONS, GraphProjector, ProjectorConfig, layout_queries,
+                         segment_mean)
 from .encoder_ssl import EncoderArch
 
 ATTENTION = ("sdpa_varlen", "sdpa", "eager", "flash_attention_2", "flash_attention_3")
@@ -252,7 +252,7 @@ def selfies_alignment(model, batch: dict, temperature: float) -> tuple[torch.Ten
     keep = (torch.bincount(sample, minlength=n) > 0) & cond["selfies_mask"].any(1).to(tokens.device)
     if int(keep.sum()) < 2:
         return tokens.sum() * 0.0, {}
-    g = torch.nn.functional.normalize(_segment_mean(tokens, sample, n)[keep].float(), dim=-1)
+    g = torch.nn.functional.normalize(segment_mean(tokens, sample, n)[keep].float(), dim=-1)
     t = torch.nn.functional.normalize(model.pooled_embedding(cond["selfies_ids"], cond["selfies_mask"])[keep].float(), dim=-1)
     loss, acc = contrastive_loss(g, t, temperature)
     return loss, {"selfies_contrastive": loss.item(), **{f"selfies_{k}": v for k, v in acc.items()}}
