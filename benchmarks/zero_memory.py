@@ -10,9 +10,10 @@ built inside `deepspeed.zero.Init` (each module partitioned as it is constructed
 every rank copying only its own flat slice of each tensor from the shards (`safe_open`, read in pieces),
 so no rank ever holds the model or a state dict whole (checked: every LLM parameter has a `ds_tensor` of
 ceil(numel / world) elements before `accelerator.prepare`). The vocabulary matrix (the embedding, tied to the head: 21% of the model) is split
-into `--vocab-chunks` row blocks (default 16, `trainer.vocab_chunks`, the recipes' `llm.vocab_chunks`)
-once the weights are filled: each block is a module of its own, partitioned as it is created (the check
-above covers the blocks), so ZeRO-3 gathers one 8,016 x 2,048 block at a time at the lookup and at the
+into `--vocab-chunks` row blocks (default 16, `trainer.vocab_chunks`, the recipes' `llm.vocab_chunks`,
+`load_llm(vocab_chunks=)`): under ZeRO-3 the LLM is built with a one-row placeholder vocabulary and each
+block is a module of its own, created partitioned in its place and filled from its rows of the stored
+matrix (the check above covers the blocks), so ZeRO-3 gathers one 8,016 x 2,048 block at a time at the lookup and at the
 head instead of the whole 128,256 x 2,048 tensor. Both runs chunk: under ZeRO-2 it changes no byte
 (every tensor is whole either way) and both runs then compute the same matmuls (`--vocab-chunks 0`: the
 model as loaded). The frozen encoder (1.9M parameters) is a ZeRO-3 leaf module, gathered whole at
@@ -48,10 +49,20 @@ Definitions (per rank; the JSON reports the maximum over the 2 ranks):
                  step begins (imports, data, LLM load, vocabulary blocks, LoRA, `accelerator.prepare`);
                  `model_fp32_mb` is the whole multimodal model's fp32 bytes (MB = 2**20 bytes, as RSS);
                  target with 2 ranks: ZeRO-3 build peak <= 0.65 x model_fp32_mb (half the model, the
-                 largest read piece and the Python / torch baseline).
+                 largest read piece and the Python / torch baseline). `zero3_rss_before_llm_mb_per_rank`
+                 is that baseline (current RSS just before the LLM load: libraries, tokenizer, data) and
+                 `zero3_build_above_baseline_over_model_fp32` what the build adds to it. Measured (DeepSpeed
+                 0.19.8): peak 3,380 MB = 0.688 x 4,912 MB, baseline 612 MB, added 0.564 x: the LLM
+                 partition 2,357 MiB, the engine's buffers for the 49.9M trainable parameters (their
+                 partition, its fp32 master copy and the gradient partition, 95 MiB each; the reduction
+                 bucket) and ~100 MB of allocator and library growth. Whole at any moment of the build:
+                 one module's own parameters (zero.Init allocates them before partitioning; the largest an
+                 MLP projection, 64 MiB, or one 8,016-row vocabulary block) and one read piece. Before the placeholder-vocabulary
+                 build (the matrix allocated whole at construction, the untied head's and the replaced
+                 matrix's partitions left in DeepSpeed's reference cycles): 3,999 MB (0.81 x).
   peak RSS       `resource.getrusage(RUSAGE_SELF).ru_maxrss` read after the steps: the process's peak
-                 resident memory since it started (model construction included; ZeRO-3's construction
-                 peak comes from transformers re-initialising each module gathered on rank 0). The ranks
+                 resident memory since it started (model construction included; both stages now reach
+                 it in the steps). The ranks
                  run with glibc's mmap threshold fixed at 128 KiB (`MALLOC_MMAP_THRESHOLD_`,
                  `MALLOC_TRIM_THRESHOLD_`; `--default-malloc` turns this off): with the default dynamic
                  threshold, freed multi-MB blocks stay in the heap, and ZeRO-3, which allocates and frees
@@ -63,10 +74,12 @@ cannot go below the partition plus the largest such gather (`largest_gather`, el
 blocks that is an MLP projection (8,192 x 2,048, 1.3% of the model): bound 0.513. Unchunked it is the
 tied embedding, materialised whole during the lookup and the head: bound 0.704.
 
-Measured (3 steps, DeepSpeed 0.19.8): with 16 blocks ZeRO-3 / ZeRO-2 peak param bytes 0.514 (2.65 vs 5.15 GB
-per rank; bound 0.513), between steps 0.501; peak RSS ZeRO-3 5,484 MB (reached while building the model)
-vs ZeRO-2 7,009 MB; step losses within 1.9e-6 (fp32 summation order). With `--vocab-chunks 0`: 0.705 (3.63
-GB; bound 0.704), ZeRO-3 peak RSS 7,015 MB, losses equal. The blocks cost 48 more gathers a step: ZeRO-3
+Measured (3 steps, DeepSpeed 0.19.8, 2026-12-04): with 16 blocks ZeRO-3 / ZeRO-2 peak param bytes 0.514
+(2.65 vs 5.15 GB per rank; bound 0.513), between steps 0.501; peak RSS ZeRO-3 4,960 MB vs ZeRO-2 7,003 MB;
+build peak ZeRO-3 3,380 MB vs ZeRO-2 5,780 MB; step losses equal (max difference 0.0), adapters exported
+by the two runs within 4.9e-6. Earlier (blocks cut from the partitioned matrix after the build): peak RSS
+ZeRO-3 5,484 MB, reached while building. With `--vocab-chunks 0`: 0.705 (3.63 GB; bound 0.704), ZeRO-3
+peak RSS 7,015 MB, losses equal (an earlier run). The blocks cost 48 more gathers a step: ZeRO-3
 steps took 61.7 s on average against 55.9 s whole (one run each, 2 cores shared with other work).
 
 `--shape llama-8b` / `llama-70b`: no training; the LLM is built on the meta device and the JSON gives,
@@ -129,8 +142,11 @@ PLAN_SHAPES = {
 # 6.6 GB of parameters from its second step on (ZeRO-2: 5.2 GB) at 11.0 GB peak RSS; with reuse 1e9 its
 # RSS passed 10.5 GB in the second step. On the quick shape, prefetch alone (4e6) or reuse alone (1e9)
 # each let the peak grow from 201 to ~460 MiB; prefetch 4e6 under max live 8e6 stayed at 201 MiB.
-# Off here: the measurement shows what partitioning itself saves.
-OVERRIDES = {3: {"stage3_prefetch_bucket_size": 0, "stage3_max_reuse_distance": 0}}
+# Off here: the measurement shows what partitioning itself saves. The gradient reduction bucket is a
+# buffer of reduce_bucket_size fp32 elements allocated whole at engine start (the shipped 5e7: 191 MiB,
+# 4% of the 1.2B model, on top of the rank's half); 5e6 still holds any trainable tensor here (the
+# largest, the projector's 2,048 x 2,048) and reduces ~10 buckets a step instead of one.
+OVERRIDES = {3: {"stage3_prefetch_bucket_size": 0, "stage3_max_reuse_distance": 0, "reduce_bucket_size": 5_000_000}}
 # --quick: an 80M model is not partitioned under GPU-sized persistence thresholds either.
 QUICK_OVERRIDES = {3: {"stage3_param_persistence_threshold": 0, "stage3_model_persistence_threshold": 0}}
 LAUNCH = {2: "launch_configs/accelerate/cpu_2proc_zero2.yaml", 3: "launch_configs/accelerate/cpu_2proc_zero3.yaml"}
@@ -312,7 +328,6 @@ def worker(a) -> None:
     from trainer.llm import GRAPH_TOKEN, SMOLLM2, load_llm, load_tokenizer
     from trainer.model import MultimodalLM
     from trainer.projector import GraphProjector, ProjectorConfig
-    from trainer.vocab_chunks import chunk_vocab
 
     def say(msg):
         if acc.is_main_process:
@@ -322,17 +337,17 @@ def worker(a) -> None:
     ds = InstructionDataset(a.data, tok, prompt=PromptConfig(max_length=a.budget))
 
     shape = SHAPES[a.shape]
+    rss_before_llm = current_rss_mb()  # the baseline: interpreter, torch / DeepSpeed / transformers, data
     t0 = time.time()
     # ZeRO-3: built inside deepspeed.zero.Init, each rank reading its slices from the shards; ZeRO-2: from_pretrained
-    _, lm = load_llm(a.model, dtype=torch.float32, attn_implementation="sdpa_varlen")
-    if lm.get_output_embeddings().weight is not lm.get_input_embeddings().weight:
+    # with --vocab-chunks the blocks are made at load (under ZeRO-3: built partitioned, filled from the rows)
+    _, lm = load_llm(a.model, dtype=torch.float32, attn_implementation="sdpa_varlen", vocab_chunks=a.vocab_chunks)
+    shared = [m.chunks if hasattr(m, "chunks") else m.weight for m in (lm.get_input_embeddings(), lm.get_output_embeddings())]
+    if shared[0] is not shared[1]:  # the row blocks or the whole matrix: one set for both
         raise AssertionError("the LM head is not tied to the embedding")
     rss_after_llm = rss_mb()
-    say(f"LLM loaded in {time.time() - t0:.1f} s (peak RSS {rss_after_llm:.0f} MB)")
-    t0 = time.time()
-    if a.vocab_chunks:
-        chunk_vocab(lm, a.vocab_chunks)
-    say(f"vocabulary in {a.vocab_chunks or 'one'} block(s) ({time.time() - t0:.1f} s)")
+    say(f"LLM loaded in {time.time() - t0:.1f} s, vocabulary in {a.vocab_chunks or 'one'} block(s) "
+        f"(peak RSS {rss_after_llm:.0f} MB)")
     llm_params = unique_params(lm)  # the blocks included: they must be partitioned as they are created
     zero_init = all(hasattr(p, "ds_id") for p in llm_params)
     if zero3:
@@ -433,7 +448,7 @@ def worker(a) -> None:
         "largest_gather": largest_gather,
         "full_param_bytes": sum(numel(p) * p.element_size() for p in all_params),
         "peak_param_bytes": meter.peak, "step_peak_param_bytes": step_peaks, "resident_param_bytes": max(resident + [resident_start]),
-        "rss_after_llm_build_mb": round(rss_after_llm, 1), "rss_after_prepare_mb": round(rss_after_prepare, 1),
+        "rss_before_llm_mb": round(rss_before_llm, 1), "rss_after_llm_build_mb": round(rss_after_llm, 1), "rss_after_prepare_mb": round(rss_after_prepare, 1),
         "peak_rss_mb": round(peak_rss, 1),
         "losses": losses, "step_s": step_s, "samples": seen, "threads": torch.get_num_threads(),
         "wall_s": round(time.time() - t_start, 1), "export": export,
@@ -685,7 +700,11 @@ def main(argv=None) -> dict:
         "zero3_build_peak_rss_mb_per_rank": worst(3, "rss_after_prepare_mb"),
         "zero3_build_over_model_fp32": round(worst(3, "rss_after_prepare_mb") / model_mb, 4),
         "build_target": BUILD_TARGET, "meets_build_target": worst(3, "rss_after_prepare_mb") <= BUILD_TARGET * model_mb,
+        # what the build adds to the rank's baseline (interpreter, libraries, data), in model fp32 units
+        "zero3_build_above_baseline_over_model_fp32": round(max(r["rss_after_prepare_mb"] - r["rss_before_llm_mb"]
+                                                                for r in runs[3]) / model_mb, 4),
         "accounting_zero3_param_bytes_per_rank": expected,
+        "zero3_rss_before_llm_mb_per_rank": worst(3, "rss_before_llm_mb"),
         "zero2_rss_after_llm_build_mb_per_rank": worst(2, "rss_after_llm_build_mb"),
         "zero3_rss_after_llm_build_mb_per_rank": worst(3, "rss_after_llm_build_mb"),
         "zero3_llm_local_share_at_construction": r3["llm_local_share_at_construction"],

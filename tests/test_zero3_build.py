@@ -15,6 +15,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MID = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=16384,
            max_position_embeddings=1024, tie_word_embeddings=False)  # ~76M parameters, untied head, ~290 MB
+CHUNKS = 3  # vocabulary row blocks of the tiny (tied) model in the forward check
 
 
 def _rss_mb():
@@ -26,8 +27,21 @@ def _peak_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _row_blocks(lm):
+    """Parameter name -> (the stored matrix, first row) for vocabulary row blocks (trainer.vocab_chunks)."""
+    from trainer.vocab_chunks import ChunkedVocab
+
+    out = {}
+    for mod_name, m in lm.named_modules():
+        if isinstance(m, ChunkedVocab):
+            for i, rows in enumerate(m.sizes):
+                out[f"{mod_name}.chunks.{i}.weight"] = (f"{mod_name}.weight", sum(m.sizes[:i]))
+    return out
+
+
 def _check(lm, folder, world):
-    """Per rank: every parameter partitioned to its share, and equal (gathered, one at a time) to the file."""
+    """Per rank: every parameter partitioned to its share, and equal (gathered, one at a time) to the file
+    (a vocabulary row block to its rows of the stored matrix)."""
     import deepspeed
     from safetensors import safe_open
 
@@ -37,13 +51,15 @@ def _check(lm, folder, world):
     for file in safetensors_files(folder):
         with safe_open(file, framework="pt") as f:
             where.update({k: file for k in f.keys()})
+    blocks = _row_blocks(lm)
     share_ok, max_diff, checked = True, 0.0, 0
     for name, p in lm.named_parameters():
         share_ok &= hasattr(p, "ds_id") and p.data.numel() == 0 and p.ds_tensor.numel() == -(-p.ds_numel // world)
-        key = name if name in where else "model.embed_tokens.weight"  # tied head: the file holds the embedding once
+        key, row0 = blocks.get(name, (name, None))
+        key = key if key in where else "model.embed_tokens.weight"  # tied head: the file holds the embedding once
         with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
             with safe_open(where[key], framework="pt") as f:
-                stored = f.get_tensor(key)
+                stored = f.get_tensor(key) if row0 is None else f.get_slice(key)[row0:row0 + p.ds_shape[0]]
                 share_ok &= p.dtype == stored.dtype  # fp32 in, fp32 out (no silent bf16 rounding)
                 max_diff = max(max_diff, float((p.data.double() - stored.double()).abs().max()))
         checked += 1
@@ -74,7 +90,12 @@ def worker(out, mid, tiny):
     rep = {"mid": _check(lm, mid, world), "mid_build_growth_mb": growth,
            "mid_bytes_mb": sum(p.ds_numel for p in lm.parameters()) * 4 / 2**20}
     del lm
-    tok, lm = llm.load_llm(tiny, attn_implementation="eager")
+    # vocabulary row blocks built partitioned in place of the matrices (MID's head is untied: two sets)
+    _, lm = llm.load_llm(mid, vocab_chunks=5)
+    rep["mid_chunked"] = _check(lm, mid, world)
+    rep["mid_chunked"]["blocks"] = len(_row_blocks(lm))
+    del lm
+    tok, lm = llm.load_llm(tiny, attn_implementation="eager", vocab_chunks=CHUNKS)
     rep["tiny"] = _check(lm, tiny, world)
     lm.requires_grad_(True)  # a forward + backward through the DeepSpeed engine on the streamed weights
     engine, _ = acc.prepare(lm, torch.optim.SGD(lm.parameters(), lr=0.0))
@@ -107,8 +128,8 @@ def folders(tmp_path_factory):
 
 @pytest.mark.slow
 def test_zero3_build_streams_partitions(tmp_path, folders):
-    """Each rank holds its share of every tensor from construction on, the shares are exactly the file's
-    weights, the build never grows a rank by more than ~its share (transformers' ZeRO-3 from_pretrained
+    """Each rank holds its share of every tensor from construction on (also vocabulary row blocks built in
+    place of the matrices), the shares are exactly the file's weights, the build never grows a rank by more than ~its share (transformers' ZeRO-3 from_pretrained
     reads the whole state dict on rank 0: ~1.5x the model), and the loss equals the single-process one."""
     from transformers import AutoModelForCausalLM
 
@@ -133,10 +154,11 @@ def test_zero3_build_streams_partitions(tmp_path, folders):
     with torch.no_grad():
         ref_loss = float(ref(input_ids=ids, labels=ids).loss)
     for rep in reports:
-        for which in ("mid", "tiny"):
+        for which in ("mid", "mid_chunked", "tiny"):
             m = rep[which]
             assert m["share_ok"] and m["checked"] > 10 and m["max_diff"] == 0.0, (which, m)
             assert m["local"] < 0.51 * m["full"]
+        assert rep["mid_chunked"]["blocks"] == 2 * 5 and rep["mid_chunked"]["full"] == rep["mid"]["full"]
         # the whole build (construction + reading) costs the rank's half of the model plus ~70 MB, never a
         # whole copy (measured ~0.6x; transformers' ZeRO-3 from_pretrained: >= 1.5x on rank 0, the full
         # state dict next to the partitions)

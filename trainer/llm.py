@@ -19,6 +19,7 @@ repository) and later loads read that. `trust_remote_code` stays off unless a ca
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib.util
 import os
 
@@ -135,12 +136,15 @@ def tiny_llama_config(vocab_size: int, hidden: int = 64, layers: int = 2, heads:
 
 
 def load_llm(name: str, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
-             trust_remote_code: bool = False, seed: int = 0, zero3: bool | None = None):
+             trust_remote_code: bool = False, seed: int = 0, zero3: bool | None = None, vocab_chunks: int = 0):
     """(tokenizer, causal LM). The embedding matrix is NOT resized for the placeholder: its id is never
     looked up (trainer.model replaces those positions), so the base model stays byte-identical.
     `zero3=True`: partitioned from construction on, streamed from safetensors (collective: every rank
     calls it inside the DeepSpeed run); None (default): so inside an Accelerate ZeRO-3 run (`zero3_run`,
-    or transformers' DeepSpeed integration on); False: whole on this process, also inside such a run."""
+    or transformers' DeepSpeed integration on); False: whole on this process, also inside such a run.
+    `vocab_chunks` > 0: the embedding and LM head as that many row blocks (trainer.vocab_chunks); under
+    ZeRO-3 the blocks are built partitioned and filled from the files directly, so no rank ever allocates
+    a whole vocabulary matrix (the largest tensor of a LLaMA-3 model, 1 GB in fp32 for the 1B)."""
     from transformers import AutoModelForCausalLM
     from transformers.integrations import is_deepspeed_zero3_enabled
 
@@ -150,11 +154,15 @@ def load_llm(name: str, dtype: torch.dtype = torch.float32, attn_implementation:
     tok = load_tokenizer(name, trust_remote_code)
     path = llm_path(name, seed)
     if zero3 or (zero3 is None and (zero3_run() or is_deepspeed_zero3_enabled())):
-        lm = build_zero3(path, dtype, attn_implementation, trust_remote_code)
+        lm = build_zero3(path, dtype, attn_implementation, trust_remote_code, vocab_chunks)
     else:
         with _without_hf_zero3():  # zero3=False: whole, even while a ZeRO-3 run's integration is on
             lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
                                                       trust_remote_code=trust_remote_code)
+        if vocab_chunks:
+            from .vocab_chunks import chunk_vocab
+
+            chunk_vocab(lm, vocab_chunks)  # views of the loaded matrix: copies nothing
     lm.config.use_cache = False  # training: a cache would also switch off packed-sequence handling
     return tok, lm
 
@@ -200,32 +208,56 @@ def _ds_config() -> dict:
         return deepspeed_config()
 
 
-def build_zero3(path: str, dtype: torch.dtype, attn_implementation: str, trust_remote_code: bool = False):
+def build_zero3(path: str, dtype: torch.dtype, attn_implementation: str, trust_remote_code: bool = False,
+                vocab_chunks: int = 0):
     """A causal LM built inside `deepspeed.zero.Init` (each module partitioned as it is constructed, no
-    random init) and filled slice by slice from its safetensors files (`load_partitions`)."""
+    random init) and filled slice by slice from its safetensors files (`load_partitions`). With
+    `vocab_chunks` the model is built with a one-row placeholder vocabulary and the row blocks are created
+    partitioned in its place, each filled from its rows of the stored matrix."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .vocab_chunks import chunk_sizes, partitioned_vocab
+
+    files = safetensors_files(path)
+    cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    vocab, pad = cfg.vocab_size, getattr(cfg, "pad_token_id", None)
+    sizes = chunk_sizes(vocab, vocab_chunks) if vocab_chunks else None  # a bad count fails before any collective
+    if sizes:
+        cfg.vocab_size, cfg.pad_token_id = 1, None  # the placeholder rows are replaced before use
+    _import_model_class(cfg)
+    with _zero_init(dtype):
+        lm = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=attn_implementation,
+                                              trust_remote_code=trust_remote_code)
+    lm.tie_weights()
+    sources = {}
+    if sizes:
+        lm.config.vocab_size, lm.config.pad_token_id = vocab, pad  # the loss reads the vocabulary size here
+        with _zero_init(dtype):
+            sources = partitioned_vocab(lm, sizes)
+    load_partitions(lm, files, sources)
+    # DeepSpeed's partitioned parameters hold closures over themselves (reference cycles): the replaced
+    # ones (the untied head's own weight, the placeholder rows) keep their partitions until a collection
+    gc.collect()
+    return lm
+
+
+@contextlib.contextmanager
+def _zero_init(dtype: torch.dtype):
+    """deepspeed.zero.Init with transformers' guards: no random init, RoPE buffers keep their dtype, and
+    set_zero3_state keeps from_config from opening a second zero.Init and from re-initialising every
+    module gathered on rank 0. zero.Init(dtype=X) gives bf16 wherever fp16 is unsupported (DeepSpeed 0.19.8
+    `_set_dtype`: `dtype or fp16 if fp16_supported else bf16`), e.g. on CPU: pass it only where it is
+    honoured; else the config's bf16 / fp16 switch decides, as in transformers' own ZeRO-3 path."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
-    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
     from transformers.integrations.deepspeed import prevent_arange_dtype_change
     from transformers.modeling_utils import set_zero3_state
 
-    files = safetensors_files(path)
-    cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    # our own zero.Init with transformers' guards (RoPE buffers keep their dtype; set_zero3_state keeps
-    # from_config from opening a second zero.Init and from re-initialising every module gathered on rank 0)
-    # zero.Init(dtype=X) gives bf16 wherever fp16 is unsupported (DeepSpeed 0.19.8 `_set_dtype`: `dtype or
-    # fp16 if fp16_supported else bf16`), e.g. on CPU: pass it only where it is honoured; else the config's
-    # bf16 / fp16 switch decides, as in transformers' own ZeRO-3 path
     honoured = get_accelerator().is_fp16_supported()
-    _import_model_class(cfg)
     with no_init_weights(), prevent_arange_dtype_change(), \
             deepspeed.zero.Init(config_dict_or_path=_ds_config(), dtype=dtype if honoured else None), set_zero3_state():
-        lm = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=attn_implementation,
-                                              trust_remote_code=trust_remote_code)
-    lm.tie_weights()
-    load_partitions(lm, files)
-    return lm
+        yield
 
 
 def _import_model_class(cfg) -> None:
@@ -288,11 +320,12 @@ def _numel(shape) -> int:
     return n
 
 
-def load_partitions(lm, files: list[str]) -> None:
+def load_partitions(lm, files: list[str], sources: dict | None = None) -> None:
     """Copy each rank's slice of every parameter (and each persistent buffer whole) from the safetensors
     files into a model built inside zero.Init. A rank reads only the elements of its own flat partition
     (a contiguous range of the stored tensor), so nothing is gathered and no rank ever holds a full
-    state dict: its partition plus one read piece."""
+    state dict: its partition plus one read piece. `sources`: parameter name -> (stored name, first row)
+    for parameters that hold a row block of a stored tensor (the vocabulary blocks)."""
     from safetensors import safe_open
 
     from .vocab_chunks import local_range
@@ -313,17 +346,22 @@ def load_partitions(lm, files: list[str]) -> None:
 
     with torch.no_grad():
         for name, p in lm.named_parameters():
-            key = key_of(name)
+            stored, row0 = (sources or {}).get(name, (name, None))
+            key = key_of(stored)
             if key is None:
-                missing.append(name)
+                missing.append(stored)
                 continue
-            if shapes[key] != tuple(p.ds_shape):
-                raise ValueError(f"{where[key]}: {key} has shape {shapes[key]}, the model expects {tuple(p.ds_shape)}")
+            shape, want = shapes[key], tuple(p.ds_shape)
+            fits = shape == want if row0 is None else (shape[1:] == want[1:] and row0 + want[0] <= shape[0])
+            if not fits:
+                raise ValueError(f"{where[key]}: {key} has shape {shape}, the model expects {want}"
+                                 + ("" if row0 is None else f" from row {row0}"))
+            offset = (row0 or 0) * _numel(shape[1:])  # a row block: its first element in the stored tensor
             start, n, part = local_range(p)
             lo, hi = min(start, p.ds_numel), min(start + n, p.ds_numel)
             part.zero_()  # DeepSpeed pads the last rank's partition
             if hi > lo:
-                _read_flat(where[key], key, lo, hi, part)
+                _read_flat(where[key], key, offset + lo, offset + hi, part)
         persistent = set(lm.state_dict())
         for name, b in lm.named_buffers():
             if name in persistent:

@@ -5,7 +5,8 @@ is one vocab x hidden tensor, e.g. 21% of LLaMA-3.2-1B, so it is the largest gat
 rank's peak parameter memory. `chunk_vocab(llm, chunks)` splits it into row blocks, each in its own
 module, so a rank materialises one block at a time (benchmarks/zero_memory.py):
 
-    chunk_vocab(lm, 16)          # in place, before PEFT wrapping and accelerator.prepare
+    load_llm(name, vocab_chunks=16)  # at load; under ZeRO-3 no rank ever allocates the whole matrix
+    chunk_vocab(lm, 16)          # or in place on a loaded model, before PEFT wrapping and accelerator.prepare
     lm.get_input_embeddings()    # ChunkedVocab(lookup=True): ids -> hidden, one block after the other
     lm.get_output_embeddings()   # ChunkedVocab(lookup=False): hidden -> logits, the blocks concatenated
 
@@ -83,57 +84,58 @@ def local_range(w: torch.Tensor) -> tuple[int, int, torch.Tensor]:
     return dist.get_rank(group=w.ds_process_group) * n, n, part
 
 
-def _rows(w: torch.Tensor, a: int, b: int) -> torch.Tensor:
-    """Rows [a, b) of a [vocab, hidden] weight, whole on every rank. A plain weight: a view (the blocks
-    share its storage, so chunking copies nothing). A ZeRO-3 parameter holds only its partition: rank r
-    has the flat elements [r * n, (r + 1) * n) (n = partition size); each rank puts its overlap with the
-    rows into a zero buffer and a byte-wise sum assembles them (the others add zero bytes: exact for every
-    dtype), so no rank ever holds more than one block of the old weight. The buffer lives on the device the
-    parameter computes on (`w.device`; the partition may be offloaded to CPU, which NCCL cannot reduce)."""
-    if not _zero3(w):
-        return w.detach()[a:b]
-    import torch.distributed as dist
-
-    hidden = w.ds_shape[1]
-    start, n, part = local_range(w)
-    lo, hi = a * hidden, b * hidden
-    buf = torch.zeros(hi - lo, dtype=part.dtype, device=w.device)
-    s, e = max(lo, start), min(hi, start + n)
-    if s < e:
-        buf[s - lo:e - lo] = part.detach()[s - start:e - start].to(w.device)
-    dist.all_reduce(buf.view(torch.uint8), group=w.ds_process_group)
-    return buf.view(b - a, hidden)
-
-
 def _chunked(w: torch.Tensor, sizes: list[int]) -> nn.ModuleList:
-    """Frozen blocks of `w`, built one at a time; ZeRO-3 partitioned like `w` when `w` is (the same
-    zero.Init settings: `convert_to_zero_parameters` broadcasts rank 0's block and keeps each rank's slice)."""
-    blocks, start = [], 0
-    for rows in sizes:
-        block = VocabChunk(_rows(w, start, start + rows))
-        if _zero3(w):
-            w.convert_to_zero_parameters([block.weight])
-        blocks.append(block)
-        start += rows
-    return nn.ModuleList(blocks)
+    """Frozen blocks of a plain weight: views, so chunking copies nothing."""
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return nn.ModuleList(VocabChunk(w.detach()[a:a + rows]) for a, rows in zip(starts, sizes))
+
+
+def partitioned_vocab(llm, sizes: list[int]) -> dict:
+    """Inside `deepspeed.zero.Init`, on a model built with a one-row placeholder vocabulary: put empty row
+    blocks (partitioned as each is created, so a rank allocates one block whole at a time) in place of its
+    embedding and LM head. Returns, per block parameter, (the stored matrix's name, first row) for
+    `trainer.llm.load_partitions`, which fills the blocks."""
+    emb, head = llm.get_input_embeddings(), llm.get_output_embeddings()
+    w = emb.weight
+    hidden, dtype = w.ds_shape[1], w.dtype
+    tied = head is not None and head.weight is w
+    if head is not None and getattr(head, "bias", None) is not None:
+        raise NotImplementedError("vocab chunks: an LM head with a bias")
+    module_name = {id(m): n for n, m in llm.named_modules()}
+    firsts = [sum(sizes[:i]) for i in range(len(sizes))]
+
+    def blocks(owner) -> tuple[nn.ModuleList, dict]:
+        name = module_name[id(owner)]
+        made = nn.ModuleList(VocabChunk(torch.empty(rows, hidden, dtype=dtype)) for rows in sizes)
+        return made, {f"{name}.chunks.{i}.weight": (f"{name}.weight", row) for i, row in enumerate(firsts)}
+
+    emb_blocks, sources = blocks(emb)
+    if head is not None:
+        head_blocks, head_sources = (emb_blocks, {}) if tied else blocks(head)
+        llm.set_output_embeddings(ChunkedVocab(head_blocks, sizes, lookup=False))
+        sources.update(head_sources)
+    llm.set_input_embeddings(ChunkedVocab(emb_blocks, sizes, lookup=True))
+    return sources
 
 
 def chunk_vocab(llm, chunks: int):
-    """Replace the input embedding and LM head of a HF causal LM by `chunks` row blocks each (in place;
-    returns `llm`). Works on plain and on ZeRO-3 partitioned (built inside `deepspeed.zero.Init`) models;
-    the old parameters are dropped."""
+    """Replace the input embedding and LM head of a plain (not ZeRO-3 partitioned) HF causal LM by `chunks`
+    row blocks each, views of its matrices (in place; returns `llm`). Under ZeRO-3 the blocks are built at
+    load instead: `trainer.llm.load_llm(..., vocab_chunks=chunks)`."""
     emb, head = llm.get_input_embeddings(), llm.get_output_embeddings()
     if isinstance(emb, ChunkedVocab):
         raise ValueError("the vocabulary is already chunked")
     w = emb.weight
-    vocab = (w.ds_shape if _zero3(w) else w.shape)[0]
-    sizes = chunk_sizes(vocab, chunks)
+    if _zero3(w):
+        raise ValueError("chunk_vocab: the model is ZeRO-3 partitioned; build it with "
+                         "trainer.llm.load_llm(..., vocab_chunks=N), which creates the blocks partitioned")
+    sizes = chunk_sizes(w.shape[0], chunks)
     blocks = _chunked(w, sizes)
     llm.set_input_embeddings(ChunkedVocab(blocks, sizes, lookup=True))
     if head is not None:
         tied = head.weight is w
-        shape = head.weight.ds_shape if _zero3(head.weight) else head.weight.shape
-        if getattr(head, "bias", None) is not None or shape[0] != vocab:
-            raise NotImplementedError(f"vocab chunks: an LM head with a bias or {shape[0]} rows for {vocab} embeddings")
+        if getattr(head, "bias", None) is not None or head.weight.shape[0] != w.shape[0]:
+            raise NotImplementedError(f"vocab chunks: an LM head with a bias or {head.weight.shape[0]} rows for "
+                                      f"{w.shape[0]} embeddings")
         llm.set_output_embeddings(ChunkedVocab(blocks if tied else _chunked(head.weight, sizes), sizes, lookup=False))
     return llm

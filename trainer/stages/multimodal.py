@@ -180,16 +180,14 @@ def build_model(cfg: Config, run_dir: str, stage: str, tok, seed: int):
     from ..model import MultimodalLM
 
     dtype = getattr(torch, cfg.llm.dtype)
-    _, lm = load_llm(cfg.llm.name, dtype=dtype, attn_implementation=cfg.llm.attn_implementation,
-                     trust_remote_code=cfg.llm.trust_remote_code)
+    try:
+        _, lm = load_llm(cfg.llm.name, dtype=dtype, attn_implementation=cfg.llm.attn_implementation,
+                         trust_remote_code=cfg.llm.trust_remote_code, vocab_chunks=cfg.llm.vocab_chunks)
+    except ValueError as e:
+        if "vocab chunks" not in str(e):
+            raise
+        raise ConfigError(f"{stage}.llm.vocab_chunks: {e}") from None  # more blocks than vocabulary rows
     lm.requires_grad_(False)
-    if cfg.llm.vocab_chunks:
-        from ..vocab_chunks import chunk_vocab
-
-        try:
-            chunk_vocab(lm, cfg.llm.vocab_chunks)
-        except ValueError as e:  # more blocks than vocabulary rows
-            raise ConfigError(f"{stage}.llm.vocab_chunks: {e}") from None
     if cfg.llm.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     enc_dir = _auto(cfg.init_encoder, [os.path.join(run_dir, s, "encoder") for s in ("encoder_contrastive", "encoder_ssl")])
