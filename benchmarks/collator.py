@@ -1,7 +1,7 @@
 """`python -m benchmarks.collator`: how many of the tokens a step computes are real, packed vs padded.
 
 Data: the shipped ChEBI-20 (molecule description) and USPTO-50K (forward reaction prediction,
-retrosynthesis) samples, converted and preprocessed (trainer.tasks), tokenised with SmolLM2's tokenizer
+retrosynthesis) samples, converted and preprocessed (trainer.dataset.tasks), tokenised with SmolLM2's tokenizer
 and its chat template, graph tokens of reduction `none` (atoms + motifs + graph node per molecule).
 
   packed_token_efficiency   real tokens / (rows x budget): every row counted at the full budget, i.e.
@@ -20,10 +20,10 @@ import time
 
 import numpy as np
 
-from trainer.collator import Collator, plan_batches
-from trainer.instructions import InstructionDataset, PromptConfig
-from trainer.llm import SMOLLM2, load_tokenizer
-from trainer.tasks import ROOT, prepare_shipped
+from trainer.dataset.collator import Collator, plan_batches
+from trainer.dataset.instructions import InstructionDataset, PromptConfig
+from trainer.models.llm import SMOLLM2, load_tokenizer
+from trainer.dataset.tasks import ROOT, prepare_shipped
 
 TARGET_PACKED = 0.95
 

@@ -1,7 +1,7 @@
 """`python -m benchmarks.gpu_check`: what the CPU tests cannot check, in one run of a few minutes on a GPU machine.
 
 Every piece goes through the project's own code paths:
-  data        the shipped forward-prediction samples, converted and preprocessed (trainer.tasks.prepare)
+  data        the shipped forward-prediction samples, converted and preprocessed (trainer.dataset.tasks.prepare)
   logits      stage 2's model (trainer.stages.multimodal.build_model, LoRA on, random encoder and projector)
               in the run's dtype: one packed micro-batch under each attention kernel against every sample
               run alone (plain SDPA, one sample per row; benchmarks/train_step.py's comparison), and the
@@ -330,8 +330,8 @@ def check_env(_allowed, plan: Plan, peak_source: str) -> dict:
 
 def check_data(allowed, plan: Plan, data_root: str, data: str | None) -> dict:
     """The instruction folder, and the LLM's local folder built once here (not by every rank at once)."""
-    from trainer.llm import llm_path
-    from trainer.tasks import SHIPPED, prepare
+    from trainer.models.llm import llm_path
+    from trainer.dataset.tasks import SHIPPED, prepare
 
     with time_limit(allowed):
         if data is None:
@@ -350,10 +350,10 @@ def check_logits(allowed, plan: Plan, data: str, work: str) -> dict:
     from accelerate.utils import send_to_device
 
     from benchmarks.train_step import set_attention
-    from trainer.collator import Collator, plan_batches
+    from trainer.dataset.collator import Collator, plan_batches
     from trainer.config import from_dict
-    from trainer.instructions import InstructionDataset
-    from trainer.llm import load_tokenizer
+    from trainer.dataset.instructions import InstructionDataset
+    from trainer.models.llm import load_tokenizer
     from trainer.stages import lora
     from trainer.stages.multimodal import build_model
 

@@ -2,7 +2,7 @@
 
 Runs the experiments recipe launch_configs/recipes/experiments_grounding.yaml (trainer.experiments: the
 same stage 1 / stage 2 / generate / evaluate machinery as every task) on structure questions generated from
-the shipped ChEBI-20 molecules with RDKit as ground truth (trainer/grounding.py; held-out molecules disjoint
+the shipped ChEBI-20 molecules with RDKit as ground truth (trainer/dataset/grounding.py; held-out molecules disjoint
 by InChIKey), and reports accuracy over yes/no and count questions (every evaluated row counts):
 
   chance_accuracy                 the best constant answer per question type on the evaluated held-out rows

@@ -27,12 +27,12 @@ import numpy as np
 import torch
 
 from graph.encoder import EncoderConfig, HierarchicalEncoder
-from trainer.collator import Collator, plan_batches
-from trainer.instructions import InstructionDataset, PromptConfig, TaskMix
-from trainer.llm import GRAPH_TOKEN, SMOLLM2, load_tokenizer
-from trainer.model import MultimodalLM
-from trainer.projector import GraphProjector, ProjectorConfig
-from trainer.tasks import ROOT, prepare_shipped
+from trainer.dataset.collator import Collator, plan_batches
+from trainer.dataset.instructions import InstructionDataset, PromptConfig, TaskMix
+from trainer.models.llm import GRAPH_TOKEN, SMOLLM2, load_tokenizer
+from trainer.models.multimodal_lm import MultimodalLM
+from trainer.models.projector import GraphProjector, ProjectorConfig
+from trainer.dataset.tasks import ROOT, prepare_shipped
 
 TARGETS = {"packed_vs_padded_tokens_per_s_min": 1.5, "packed_vs_grouped_tokens_per_s_min": 1.0,
            "max_abs_logit_diff_max": 1e-4}
@@ -46,7 +46,7 @@ def build_model(tok, layers: int, lora_r: int) -> MultimodalLM:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from trainer.attention import register
+    from trainer.models.attention import register
 
     register()
     torch.manual_seed(0)

@@ -5,12 +5,12 @@ vocabulary 128,256, tied embeddings, llama3 RoPE with theta 500,000) and random 
 multimodal model (hierarchical encoder, frozen; 2-layer MLP projector; graph tokens `none`), LoRA r 64 /
 alpha 16 / dropout 0.05 on every linear layer of the LLM except the head. The LLM's seeded weights are
 written once as a normal model folder (safetensors shards of 1 GB and their index, runs/bench/models/) and
-both runs load it with `trainer.llm.load_llm`, as the stages do: ZeRO-2 with `from_pretrained`; ZeRO-3
+both runs load it with `trainer.models.llm.load_llm`, as the stages do: ZeRO-2 with `from_pretrained`; ZeRO-3
 built inside `deepspeed.zero.Init` (each module partitioned as it is constructed, no random init) and
 every rank copying only its own flat slice of each tensor from the shards (`safe_open`, read in pieces),
 so no rank ever holds the model or a state dict whole (checked: every LLM parameter has a `ds_tensor` of
 ceil(numel / world) elements before `accelerator.prepare`). The vocabulary matrix (the embedding, tied to the head: 21% of the model) is split
-into `--vocab-chunks` row blocks (default 16, `trainer.vocab_chunks`, the recipes' `llm.vocab_chunks`,
+into `--vocab-chunks` row blocks (default 16, `trainer.models.vocab_chunks`, the recipes' `llm.vocab_chunks`,
 `load_llm(vocab_chunks=)`): under ZeRO-3 the LLM is built with a one-row placeholder vocabulary and each
 block is a module of its own, created partitioned in its place and filled from its rows of the stored
 matrix (the check above covers the blocks), so ZeRO-3 gathers one 8,016 x 2,048 block at a time at the lookup and at the
@@ -261,12 +261,12 @@ SHARD_BYTES = 1 << 30  # safetensors shard size of the benchmark's model folder
 def write_model_folder(shape_name: str, seed: int, root: str) -> str:
     """The seeded LLM as a normal model folder (config, tokenizer, safetensors shards and their index),
     written once per (shape, seed) tensor by tensor, one shard in memory at a time, and renamed whole.
-    Both runs load it with trainer.llm.load_llm: ZeRO-2 with from_pretrained, ZeRO-3 streamed per slice."""
+    Both runs load it with trainer.models.llm.load_llm: ZeRO-2 with from_pretrained, ZeRO-3 streamed per slice."""
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from trainer.llm import SMOLLM2, load_tokenizer
+    from trainer.models.llm import SMOLLM2, load_tokenizer
 
     folder = os.path.join(root, f"llm_{shape_name}_seed{seed}")
     if os.path.exists(os.path.join(folder, "model.safetensors.index.json")):
@@ -323,11 +323,11 @@ def worker(a) -> None:
     import deepspeed
     from peft import LoraConfig, get_peft_model
     from graph.encoder import EncoderConfig, HierarchicalEncoder
-    from trainer.collator import BatchPlan, Collator
-    from trainer.instructions import InstructionDataset, PromptConfig
-    from trainer.llm import GRAPH_TOKEN, SMOLLM2, load_llm, load_tokenizer
-    from trainer.model import MultimodalLM
-    from trainer.projector import GraphProjector, ProjectorConfig
+    from trainer.dataset.collator import BatchPlan, Collator
+    from trainer.dataset.instructions import InstructionDataset, PromptConfig
+    from trainer.models.llm import GRAPH_TOKEN, SMOLLM2, load_llm, load_tokenizer
+    from trainer.models.multimodal_lm import MultimodalLM
+    from trainer.models.projector import GraphProjector, ProjectorConfig
 
     def say(msg):
         if acc.is_main_process:
@@ -470,7 +470,7 @@ def param_counts(shape: dict, lora_r: int = 64, vocab_chunks: int = 16) -> dict:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from graph.encoder import EncoderConfig, HierarchicalEncoder
-    from trainer.projector import GraphProjector, ProjectorConfig
+    from trainer.models.projector import GraphProjector, ProjectorConfig
 
     enc = HierarchicalEncoder(EncoderConfig())  # 1.9M parameters, built for real (it fills tables at init)
     with torch.device("meta"):
@@ -610,7 +610,7 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--vocab-chunks", type=int, default=16,
-                   help="embedding / LM head row blocks (trainer.vocab_chunks), both runs; 0: one whole tensor")
+                   help="embedding / LM head row blocks (trainer.models.vocab_chunks), both runs; 0: one whole tensor")
     p.add_argument("--out-dir", default=None)
     p.add_argument("--data-root", default=os.path.join(ROOT, "runs", "bench", "instructions"))
     p.add_argument("--timeout", type=int, default=3600, help="seconds per launch")
@@ -654,7 +654,7 @@ def main(argv=None) -> dict:
         k, v = kv.split("=", 1)
         overrides[int(s)][k] = json.loads(v)
     log("preparing the shipped forward-prediction samples (convert + preprocess, reused when present)")
-    from trainer.tasks import prepare_shipped
+    from trainer.dataset.tasks import prepare_shipped
 
     data = prepare_shipped(a.data_root, tasks=("forward",))["forward"]
     log(f"writing the seeded {a.shape} LLM as safetensors shards (reused when present)")

@@ -16,12 +16,12 @@ def setup(tmp_path_factory, ray_local):
     from accelerate import Accelerator
 
     from graph.encoder import EncoderConfig, HierarchicalEncoder
-    from trainer.export import save_export
-    from trainer.instructions import PromptConfig
-    from trainer.llm import GRAPH_TOKEN, load_llm
-    from trainer.model import MultimodalLM
-    from trainer.projector import GraphProjector, ProjectorConfig
-    from trainer.tasks import prepare
+    from trainer.models.export import save_export
+    from trainer.dataset.instructions import PromptConfig
+    from trainer.models.llm import GRAPH_TOKEN, load_llm
+    from trainer.models.multimodal_lm import MultimodalLM
+    from trainer.models.projector import GraphProjector, ProjectorConfig
+    from trainer.dataset.tasks import prepare
 
     tmp = tmp_path_factory.mktemp("ask")
     folders = {"forward": prepare("forward", os.path.join(DATA, "uspto50k", "test.csv"), str(tmp), limit=4),
@@ -49,7 +49,7 @@ def assistant(setup):
 def test_ask_gives_generates_answer_on_the_same_row(setup, assistant):
     """Each data row asked again from its SMILES and instruction: the same SELFIES input, the same answer
     as trainer.generate.predict on the preprocessed row (one batch of several questions)."""
-    from trainer.export import dataset_for
+    from trainer.models.export import dataset_for
     from trainer.generate import predict
 
     for task, folder in setup[2].items():

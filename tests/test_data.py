@@ -274,7 +274,7 @@ def test_prepare_local_layouts_report_and_drop(tmp_path, chebi, ray_local):
     assert data.overlap([str(deleaked)], str(out / "chebi20_molcap_test"))["overlapping_rows"] == 0
 
     # the tasks helper the experiments runner calls: the figure into a report file
-    from trainer import tasks
+    from trainer.dataset import tasks
 
     path = tmp_path / "overlap.json"
     res = tasks.record_overlap({"train": str(out / "chebi20_molcap_train")}, {"test": str(out / "chebi20_molcap_test")}, str(path))

@@ -8,18 +8,18 @@ import torch
 from safetensors.torch import load_file
 
 from test_llm_stages import _launch, _losses, _summary, _zero3_config
-from trainer.collator import Collator
-from trainer.instructions import SELFIES_INSTRUCTION, InstructionDataset, PromptConfig
-from trainer.llm import GRAPH_TOKEN, load_llm
-from trainer.model import MultimodalLM
-from trainer.projector import LEVELS, GraphProjector, ProjectorConfig, graph_token_count, layout_queries
+from trainer.dataset.collator import Collator
+from trainer.dataset.instructions import SELFIES_INSTRUCTION, InstructionDataset, PromptConfig
+from trainer.models.llm import GRAPH_TOKEN, load_llm
+from trainer.models.multimodal_lm import MultimodalLM
+from trainer.models.projector import LEVELS, GraphProjector, ProjectorConfig, graph_token_count, layout_queries
 
 from graph.encoder import EncoderConfig, HierarchicalEncoder
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, ray_local):
-    from trainer.tasks import ROOT as REPO, SHIPPED, prepare
+    from trainer.dataset.tasks import ROOT as REPO, SHIPPED, prepare
 
     out = str(tmp_path_factory.mktemp("inst"))
     return {t: prepare(t, os.path.join(REPO, SHIPPED[t][0]), out, limit=48) for t in ("molcap", "forward")}

@@ -12,7 +12,7 @@ from conftest import DATA, cli
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory, ray_local):
-    from trainer.tasks import prepare
+    from trainer.dataset.tasks import prepare
 
     out = str(tmp_path_factory.mktemp("exp_data"))
     return {"train": prepare("forward", os.path.join(DATA, "uspto50k", "train.csv"), out, "forward_train", limit=40),

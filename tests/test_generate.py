@@ -9,20 +9,20 @@ import torch
 
 from conftest import DATA, cli
 from graph.encoder import EncoderConfig, HierarchicalEncoder
-from trainer.collator import Collator
+from trainer.dataset.collator import Collator
 from trainer.generate import generate
-from trainer.instructions import InstructionDataset
-from trainer.llm import GRAPH_TOKEN, load_llm
-from trainer.model import MultimodalLM
-from trainer.projector import GraphProjector, ProjectorConfig
+from trainer.dataset.instructions import InstructionDataset
+from trainer.models.llm import GRAPH_TOKEN, load_llm
+from trainer.models.multimodal_lm import MultimodalLM
+from trainer.models.projector import GraphProjector, ProjectorConfig
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, ray_local):
     from accelerate import Accelerator
 
-    from trainer.export import save_export
-    from trainer.tasks import prepare
+    from trainer.models.export import save_export
+    from trainer.dataset.tasks import prepare
 
     tmp = tmp_path_factory.mktemp("gen")
     folder = prepare("forward", os.path.join(DATA, "uspto50k", "test.csv"), str(tmp), limit=12)
@@ -31,7 +31,7 @@ def setup(tmp_path_factory, ray_local):
     enc = HierarchicalEncoder(EncoderConfig(num_layers=2, hidden=32))
     model = MultimodalLM(lm, enc, GraphProjector(ProjectorConfig(in_dim=32, out_dim=lm.config.hidden_size)),
                          tok.convert_tokens_to_ids(GRAPH_TOKEN)).eval()
-    from trainer.instructions import PromptConfig
+    from trainer.dataset.instructions import PromptConfig
     import dataclasses
 
     meta = {"llm": "tiny-random", "attn_implementation": "sdpa", "stage": "align",
@@ -94,8 +94,8 @@ def test_cli_writes_ordered_predictions_that_evaluate_reads(setup, tmp_path):
 
 def test_dataset_for_follows_the_exported_projector(setup):
     """An export trained with reduced graph tokens gets prompts with that many placeholders."""
-    from trainer.export import dataset_for
-    from trainer.projector import graph_token_count
+    from trainer.models.export import dataset_for
+    from trainer.models.projector import graph_token_count
 
     tok, _, ds, _, folder = setup
     meta = {"prompt": {}, "projector": {"reduction": "hierarchical", "levels": ["node", "graph"]}}

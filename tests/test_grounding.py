@@ -1,4 +1,4 @@
-"""trainer.grounding: structure questions with RDKit answers, balanced yes/no per group, the held-out split
+"""trainer.dataset.grounding: structure questions with RDKit answers, balanced yes/no per group, the held-out split
 by InChIKey (duplicates, rewritten SMILES, salts, stereoisomers), determinism, the CLI, and graph.preprocess
 reading the records back with the same atom and motif counts."""
 import collections
@@ -13,7 +13,7 @@ from rdkit.Chem import BRICS, Crippen
 from conftest import DATA, cli
 from graph.chem import Standardizer
 from graph.preprocess import read_table
-from trainer import grounding as G
+from trainer.dataset import grounding as G
 
 CHEBI_TEST = os.path.join(DATA, "chebi20", "test.txt")
 ASPIRIN = "CC(=O)Oc1ccccc1C(=O)O"

@@ -64,7 +64,7 @@ def _losses(run_dir, stage):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, ray_local):
-    from trainer.tasks import ROOT as REPO, SHIPPED, prepare
+    from trainer.dataset.tasks import ROOT as REPO, SHIPPED, prepare
 
     out = str(tmp_path_factory.mktemp("inst"))  # the first 160 rows of each shipped sample
     return {t: prepare(t, os.path.join(REPO, SHIPPED[t][0]), out, limit=160) for t in ("molcap", "forward")}
@@ -106,9 +106,9 @@ def test_zero3_two_ranks_and_export_reloads_with_peft(tmp_path, data, single):
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    from trainer.export import load_export
+    from trainer.models.export import load_export
 
-    # with the vocabulary in 4 row blocks (trainer.vocab_chunks), partitioned like the rest: same losses as
+    # with the vocabulary in 4 row blocks (trainer.models.vocab_chunks), partitioned like the rest: same losses as
     # the unchunked 1-process run, same FLOP count, and the export (a plain LLM + adapter) gives the same logits
     chunks = ("align.llm.vocab_chunks=4", "lora.llm.vocab_chunks=4")
     s = _summary(_launch(_recipe(tmp_path, data), *chunks, accel="cpu_2proc_zero3.yaml", ds_file=_zero3_config(tmp_path)))
@@ -126,8 +126,8 @@ def test_zero3_two_ranks_and_export_reloads_with_peft(tmp_path, data, single):
     assert isinstance(model.llm, PeftModel) and meta["stage"] == "lora"
     # the reloaded export reproduces the trained model's logits, computed inside the ZeRO-3 run
     probe = load_file(os.path.join(run_dir, "lora", "probe.safetensors"))
-    from trainer.collator import Collator
-    from trainer.instructions import InstructionDataset
+    from trainer.dataset.collator import Collator
+    from trainer.dataset.instructions import InstructionDataset
 
     ds = InstructionDataset(data["forward"], tok, prompt=model_prompt(meta))
     batch = Collator(tok.pad_token_id, budget=1024)([ds[i] for i in range(3)])
@@ -144,7 +144,7 @@ def test_zero3_two_ranks_and_export_reloads_with_peft(tmp_path, data, single):
 
 
 def model_prompt(meta):
-    from trainer.instructions import PromptConfig
+    from trainer.dataset.instructions import PromptConfig
 
     return PromptConfig(**meta["prompt"])
 
@@ -164,7 +164,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, data, zero2):
     assert not os.path.exists(tmp_path / "crash" / "lora" / "export")
     # the killed run's stage folder resolves to its step-2 checkpoint, which generation loads (safetensors)
     from conftest import cli
-    from trainer.export import resolve
+    from trainer.models.export import resolve
 
     stage_dir = str(tmp_path / "crash" / "lora")
     assert resolve(stage_dir) == os.path.join(stage_dir, "checkpoints", "step-2", "export")

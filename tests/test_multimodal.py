@@ -13,11 +13,11 @@ from rdkit import Chem
 from conftest import DATA
 from graph.encoder import EncoderConfig, HierarchicalEncoder
 from graph.preprocess import run
-from trainer.collator import IGNORE, Collator, plan_batches
-from trainer.instructions import InstructionDataset, PromptConfig
-from trainer.llm import GRAPH_TOKEN, load_llm
-from trainer.model import MultimodalLM
-from trainer.projector import LEVELS, REDUCTIONS, GraphProjector, ProjectorConfig, graph_token_count
+from trainer.dataset.collator import IGNORE, Collator, plan_batches
+from trainer.dataset.instructions import InstructionDataset, PromptConfig
+from trainer.models.llm import GRAPH_TOKEN, load_llm
+from trainer.models.multimodal_lm import MultimodalLM
+from trainer.models.projector import LEVELS, REDUCTIONS, GraphProjector, ProjectorConfig, graph_token_count
 
 LEVEL_SUBSETS = [list(c) for k in (1, 2, 3) for c in itertools.combinations(LEVELS, k)]
 

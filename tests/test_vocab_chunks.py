@@ -1,4 +1,4 @@
-"""Vocabulary-chunked embedding and LM head (trainer.vocab_chunks) against the unchunked model: same logits,
+"""Vocabulary-chunked embedding and LM head (trainer.models.vocab_chunks) against the unchunked model: same logits,
 loss, gradients and LoRA adapter, tied and untied, with a vocabulary the blocks do not divide. The ZeRO-3
 partitioned path runs in tests/test_llm_stages.py (2 ranks, losses equal to the 1-process run)."""
 import copy
@@ -7,8 +7,8 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
-from trainer.llm import load_llm, tiny_llama_config
-from trainer.vocab_chunks import ChunkedVocab, chunk_sizes, chunk_vocab
+from trainer.models.llm import load_llm, tiny_llama_config
+from trainer.models.vocab_chunks import ChunkedVocab, chunk_sizes, chunk_vocab
 
 CHUNKS = 7  # 49,152 = 7 x 7,021 + 5: blocks of two sizes
 
@@ -101,7 +101,7 @@ def test_bad_chunks_and_ids_fail(tied):
 
 def test_build_model_applies_the_setting_before_lora(tmp_path):
     from trainer.config import ConfigError
-    from trainer.llm import load_tokenizer
+    from trainer.models.llm import load_tokenizer
     from trainer.stages.multimodal import Config, LLMSettings, LoraSettings, build_model, flops_per_token
 
     tok = load_tokenizer("tiny-random")

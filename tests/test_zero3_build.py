@@ -1,4 +1,4 @@
-"""The LLM built under ZeRO-3 (trainer.llm.build_zero3): partitioned from construction on and streamed
+"""The LLM built under ZeRO-3 (trainer.models.llm.build_zero3): partitioned from construction on and streamed
 from safetensors slice by slice, on 2 real ranks under `accelerate launch` + DeepSpeed ZeRO-3.
 
 This file is also the worker: `accelerate launch ... tests/test_zero3_build.py OUT.json MID TINY`.
@@ -28,8 +28,8 @@ def _peak_mb():
 
 
 def _row_blocks(lm):
-    """Parameter name -> (the stored matrix, first row) for vocabulary row blocks (trainer.vocab_chunks)."""
-    from trainer.vocab_chunks import ChunkedVocab
+    """Parameter name -> (the stored matrix, first row) for vocabulary row blocks (trainer.models.vocab_chunks)."""
+    from trainer.models.vocab_chunks import ChunkedVocab
 
     out = {}
     for mod_name, m in lm.named_modules():
@@ -45,7 +45,7 @@ def _check(lm, folder, world):
     import deepspeed
     from safetensors import safe_open
 
-    from trainer.llm import safetensors_files
+    from trainer.models.llm import safetensors_files
 
     where = {}
     for file in safetensors_files(folder):
@@ -71,7 +71,7 @@ def worker(out, mid, tiny):
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, InitProcessGroupKwargs, gather_object
 
-    import trainer.llm as llm
+    import trainer.models.llm as llm
 
     acc = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
     world = acc.num_processes
@@ -80,7 +80,7 @@ def worker(out, mid, tiny):
     import transformers.models.llama.modeling_llama  # noqa: F401  imports and tokenizer outside the measurement
     from transformers import AutoConfig
 
-    from trainer.attention import register
+    from trainer.models.attention import register
 
     register()
     llm.load_tokenizer(mid), AutoConfig.from_pretrained(mid)
@@ -114,7 +114,7 @@ def worker(out, mid, tiny):
 def folders(tmp_path_factory):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from trainer.llm import llm_path, load_tokenizer
+    from trainer.models.llm import llm_path, load_tokenizer
 
     tiny = llm_path("tiny-random")
     mid = str(tmp_path_factory.mktemp("mid") / "llama")
@@ -133,7 +133,7 @@ def test_zero3_build_streams_partitions(tmp_path, folders):
     reads the whole state dict on rank 0: ~1.5x the model), and the loss equals the single-process one."""
     from transformers import AutoModelForCausalLM
 
-    from trainer.llm import load_tokenizer
+    from trainer.models.llm import load_tokenizer
 
     from test_llm_stages import _zero3_config  # ds_configs/zero3.json with the persistence thresholds at 0
 

@@ -125,7 +125,7 @@ class Assistant:
 
     @classmethod
     def from_pretrained(cls, path: str, max_heavy_atoms: int | None = None, device: str | None = None) -> "Assistant":
-        from .export import load_export, resolve
+        from .models.export import load_export, resolve
 
         try:
             folder = resolve(path)
@@ -160,7 +160,7 @@ class Assistant:
         raises AskError naming it (nothing is generated then)."""
         from graph.records import process_chunk
 
-        from .export import dataset_for
+        from .models.export import dataset_for
         from .generate import generate, to_smiles
 
         qs = [q if isinstance(q, Question) else Question(**q) for q in questions]

@@ -28,7 +28,7 @@ from graph.atomic import atomic_writer
 from graph.chem import Limits, Reject, Standardizer
 from graph.formats import InputError
 
-TASKS = ("molcap", "forward", "retrosynthesis", "reagent", "property", "grounding")  # grounding: trainer/grounding.py
+TASKS = ("molcap", "forward", "retrosynthesis", "reagent", "property", "grounding")  # grounding: trainer/dataset/grounding.py
 NO_REAGENTS = "no_reagents"
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # QM9 rows carry coordinates and frequencies
 
@@ -348,7 +348,7 @@ def pubchem_run(folder: str, output: str, limit: int | None = None, progress: bo
 def run(task: str, path: str, output: str, limit: int | None = None, properties: list[str] | None = None,
         progress: bool = True) -> dict:
     if task == "grounding":  # two outputs (training, held out): its own builder decides the split
-        raise ValueError("the grounding task writes a training and a held-out file: use trainer.grounding.build "
+        raise ValueError("the grounding task writes a training and a held-out file: use trainer.dataset.grounding.build "
                          "(or `python -m trainer.converters grounding`)")
     properties = properties or list(QM9_PROPERTIES)
     rows, make, show = _reader(task, path, properties)
@@ -404,7 +404,7 @@ def convert_rows(task: str, rows: Rows, make: Maker, show: Show, std: Standardiz
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["grounding"]:  # its own options (sources, held-out split, sampling)
-        from .grounding import main as grounding_main
+        from .dataset.grounding import main as grounding_main
         return grounding_main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m trainer.converters", description=__doc__.split("\n")[0])
     p.add_argument("task", choices=TASKS)

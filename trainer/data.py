@@ -36,7 +36,7 @@ from graph.atomic import atomic_write_json, atomic_write_parquet, atomic_writer
 from graph.chem import Limits, Reject, Standardizer
 from graph.formats import InputError, Source
 
-NO_INCHIKEY = "no_inchikey"  # RDKit writes no InChI (e.g. '*' attachment points); same code as trainer.grounding
+NO_INCHIKEY = "no_inchikey"  # RDKit writes no InChI (e.g. '*' attachment points); same code as trainer.dataset.grounding
 NO_MOLECULE = "no_molecule"
 OVERLAP = "test_overlap"  # reject reason of the rows --drop takes out of a preprocessed folder
 TRAIN_SPLITS = ("pretrain", "train")
@@ -499,7 +499,8 @@ def parts(name: str, root: str, work: str) -> tuple[list[Part], list[str]]:
 
 def _convert(p: Part, out: str, limit: int | None, progress: bool, done: set) -> None:
     """Write OUT/NAME.jsonl (and its rejects and conversion summary) unless it is there from an earlier run."""
-    from . import converters, tasks
+    from . import converters
+    from .dataset import tasks
 
     jsonl = os.path.join(out, f"{p.name}.jsonl")
     if os.path.exists(jsonl) or p.path in done:
@@ -522,7 +523,7 @@ def _convert(p: Part, out: str, limit: int | None, progress: bool, done: set) ->
 
 def prepare(name: str, source: str | None, out: str, limit: int | None = None, progress: bool = False) -> dict:
     """Convert and preprocess every split of a public data set into OUT/, then write OUT/report.json and .md."""
-    from . import tasks
+    from .dataset import tasks
 
     if name not in SOURCES:
         raise InputError(f"unknown data set {name!r}; choose one of {', '.join(SOURCES)}")
@@ -561,7 +562,7 @@ def _load_report(out: str) -> dict:
 
 def write_report(out: str, report: dict) -> dict:
     """Row counts and rejects per split, and the overlap of every training split with every evaluation split."""
-    from . import tasks
+    from .dataset import tasks
 
     for name, info in report["splits"].items():
         folder = os.path.join(out, name)

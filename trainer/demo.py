@@ -31,7 +31,7 @@ def main(out: str = os.path.join(ROOT, "runs", "demo")) -> dict:
     from graph.inspect import draw_motifs
     from graph.preprocess import connect_ray, read_table, run
 
-    from .tasks import prepare_shipped
+    from .dataset.tasks import prepare_shipped
 
     t0 = time.time()
     os.makedirs(out, exist_ok=True)
@@ -93,7 +93,7 @@ def _evaluate(export: str, folder: str, n: int) -> tuple[list[dict], dict, dict]
     from .ask import Assistant
     from .evaluate import compute
     from .experiments import markdown_table
-    from .export import dataset_for, load_export
+    from .models.export import dataset_for, load_export
     from .generate import predict
 
     tok, model, meta = load_export(export)

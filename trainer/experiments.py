@@ -6,7 +6,7 @@ Which graph level and which token reduction help which task, and how much the mo
            [x prompts: `graph_only` repeats every static cell without SELFIES, e.g. graph_only/none/node]
            + selfies_only (no graph tokens: prompt.use_graph=false)
            + graph_only   (graph tokens, no SELFIES: prompt.use_selfies=false; control_projector's layout)
-           + dynamic      (projector.kind=dynamic cells, trainer/projector.py; `aligned: true` ones start from a
+           + dynamic      (projector.kind=dynamic cells, trainer/models/projector.py; `aligned: true` ones start from a
                            stage-1 run that first ran the align_selfies stage)
     for each task: every cell trains stage 2 (LoRA) from ONE stage-1 checkpoint (two with aligned cells), same
     seed and budget, then generates answers for the task's held-out rows and scores them (trainer.metrics).
@@ -45,7 +45,7 @@ import yaml
 from graph.atomic import atomic_write_json, atomic_writer
 
 from .config import ConfigError, apply_overrides, from_dict, load_yaml
-from .projector import LEVELS, REDUCTIONS
+from .models.projector import LEVELS, REDUCTIONS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONTROLS = ("selfies_only", "graph_only")
@@ -458,7 +458,7 @@ def task_folders(r: Recipe) -> dict:
         folders["grounding"] = grounding_folders(os.path.join(r.out_dir, "data"))
         missing.remove("grounding")
     if missing:
-        from .tasks import SHIPPED, _ray, prepare_shipped
+        from .dataset.tasks import SHIPPED, _ray, prepare_shipped
 
         for t in missing:
             if t not in SHIPPED or SHIPPED[t][1] is None:
@@ -472,12 +472,12 @@ def task_folders(r: Recipe) -> dict:
 
 
 def grounding_folders(out: str, sources: list[str] | None = None, **kw) -> dict:
-    """The grounding probe from real molecules (default: the shipped ChEBI-20 files; trainer.grounding), its
+    """The grounding probe from real molecules (default: the shipped ChEBI-20 files; trainer.dataset.grounding), its
     held-out molecules disjoint by InChIKey, preprocessed into OUT/grounding_{train,test}; reruns reuse both."""
     from graph.preprocess import run as preprocess
 
-    from .grounding import build
-    from .tasks import _ray
+    from .dataset.grounding import build
+    from .dataset.tasks import _ray
 
     os.makedirs(out, exist_ok=True)
     files = {s: os.path.join(out, f"grounding_{s}.jsonl") for s in ("train", "test")}

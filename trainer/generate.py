@@ -24,7 +24,7 @@ import torch
 
 @torch.no_grad()
 def generate(model, tok, items: list[dict], max_new_tokens: int = 128, num_beams: int = 1) -> list[str]:
-    """Decoded answers for dataset items (trainer.instructions), in order; the answer part is ignored."""
+    """Decoded answers for dataset items (trainer.dataset.instructions), in order; the answer part is ignored."""
     base = model._base()
     impl, was_training = base.config._attn_implementation, model.training
     if impl != "sdpa":  # the packed-training kernels need sample boundaries, which a KV cache does not have
@@ -51,7 +51,7 @@ def _generate(model, tok, items, max_new_tokens, num_beams):
         mask[i, width - len(p):] = 1
     graphs = [g for it in items for g in it["graphs"]]
     batch = Batch.from_data_list(graphs).to(device) if graphs else None
-    from .collator import condition_inputs
+    from .dataset.collator import condition_inputs
 
     embeds = model.embed(ids.to(device), batch, len(graphs), condition_inputs(items))  # a dynamic projector's condition
     out = model.llm.generate(inputs_embeds=embeds, attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
@@ -76,7 +76,7 @@ def to_smiles(answer: str) -> str | None:
 def predict(model, tok, dataset, rows: list[int], batch_size: int, **kw) -> list[dict]:
     from tqdm import tqdm
 
-    from .instructions import metadata_dict
+    from .dataset.instructions import metadata_dict
 
     out = []
     for s in tqdm(range(0, len(rows), batch_size), desc="generate", file=sys.stderr, disable=len(rows) <= batch_size):
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
 
     from graph.atomic import atomic_writer
 
-    from .export import dataset_for, load_export
+    from .models.export import dataset_for, load_export
 
     p = argparse.ArgumentParser(prog="python -m trainer.generate", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="export folder (RUN_DIR/STAGE/export), checkpoint "
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     p.add_argument("--num-beams", type=int, default=1)
     p.add_argument("--max-new-tokens", type=int, default=128)
     a = p.parse_args(argv)
-    from .export import resolve
+    from .models.export import resolve
 
     if not os.path.isdir(a.data):
         print(f"error: data folder not found: {a.data}", file=sys.stderr)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..config import TrainConfig
-from ..instructions import PromptConfig
+from ..dataset.instructions import PromptConfig
 from . import multimodal
 
 

@@ -3,13 +3,13 @@
   stage 1 (align)  only the projector trains; the graph encoder and the LLM are frozen
   stage 2 (lora)   the projector and LoRA adapters train; the encoder and the LLM base stay frozen
 
-Data: instruction folders (`python -m graph.preprocess --format instructions`, or trainer.tasks),
+Data: instruction folders (`python -m graph.preprocess --format instructions`, or trainer.dataset.tasks),
 several folders = one multitask adapter. Batches: packed rows (default) or padded baselines, each rank
-its own share (trainer.collator.BatchPlan). The loss is the mean over every label token of the global
+its own share (trainer.dataset.collator.BatchPlan). The loss is the mean over every label token of the global
 batch (trainer.loop normalises across accumulation and ranks). Works the same under DDP, DeepSpeed
 ZeRO-2 and ZeRO-3 (`accelerate launch --config_file launch_configs/accelerate/...`).
 
-Outputs under RUN_DIR/STAGE/: checkpoints/ (exact resume), metrics.jsonl, export/ (trainer.export).
+Outputs under RUN_DIR/STAGE/: checkpoints/ (exact resume), metrics.jsonl, export/ (trainer.models.export).
 Guards: a fingerprint of the frozen parameters (each rank's own slice) before and after training
 must match, and every trained tensor must have moved; both are reported in the summary.
 """
@@ -26,10 +26,10 @@ from graph.encoder import EncoderConfig, HierarchicalEncoder
 
 from ..builders import optimizer_and_schedule
 from ..config import ConfigError, TrainConfig, check_path
-from ..export import gathered_state, load_export, save_export
-from ..instructions import InstructionDataset, PromptConfig, TaskMix
+from ..models.export import gathered_state, load_export, save_export
+from ..dataset.instructions import InstructionDataset, PromptConfig, TaskMix
 from ..loop import prepare_training, train
-from ..projector import (CONDITIONS, FUSIONS, KINDS, LEVELS, REDUCTIONS, GraphProjector, ProjectorConfig, layout_queries,
+from ..models.projector import (CONDITIONS, FUSIONS, KINDS, LEVELS, REDUCTIONS, GraphProjector, ProjectorConfig, layout_queries,
                          segment_mean)
 from .encoder_ssl import EncoderArch
 
@@ -43,7 +43,7 @@ class LLMSettings:
     dtype: str = "float32"  # bfloat16 on GPUs (with mixed_precision: bf16)
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
-    # > 0: embedding and LM head as this many row blocks (trainer.vocab_chunks), so ZeRO-3 gathers one
+    # > 0: embedding and LM head as this many row blocks (trainer.models.vocab_chunks), so ZeRO-3 gathers one
     # block at a time instead of the whole vocab x hidden matrix; worth it when that matrix is a large
     # share of the model (LLaMA-3.2-1B: 21%; 16 blocks). Same values, other layout; 0: off
     vocab_chunks: int = 0
@@ -51,7 +51,7 @@ class LLMSettings:
 
 @dataclass
 class ProjectorSettings:
-    kind: str = "mlp2"  # linear | mlp2 | dynamic (per-molecule level fusion, trainer/projector.py)
+    kind: str = "mlp2"  # linear | mlp2 | dynamic (per-molecule level fusion, trainer/models/projector.py)
     per_level: bool = False
     reduction: str = "none"  # none | hierarchical | all
     levels: list[str] = field(default_factory=lambda: list(LEVELS))
@@ -176,8 +176,8 @@ def flops_per_token(model, mean_len: float, label_fraction: float) -> float:
 
 def build_model(cfg: Config, run_dir: str, stage: str, tok, seed: int):
     """The multimodal model for a stage (frozen encoder, projector, LLM with LoRA in stage 2)."""
-    from ..llm import GRAPH_TOKEN, load_llm
-    from ..model import MultimodalLM
+    from ..models.llm import GRAPH_TOKEN, load_llm
+    from ..models.multimodal_lm import MultimodalLM
 
     dtype = getattr(torch, cfg.llm.dtype)
     try:
@@ -282,7 +282,7 @@ def datasets(cfg: Config, tok, selfies_target: bool = False) -> TaskMix:
 def gate_report(model, data: TaskMix, limit: int = 4096, batch: int = 256) -> dict | None:
     """Mean level gates of a dynamic projector per task (data folder) and per metadata.question_type, over
     up to `limit` samples; collective under ZeRO-3 (every rank calls it with the same samples)."""
-    from ..collator import condition_inputs
+    from ..dataset.collator import condition_inputs
 
     if not getattr(model, "dynamic", False):
         return None
@@ -314,8 +314,8 @@ def gate_report(model, data: TaskMix, limit: int = 4096, batch: int = 256) -> di
 def run(cfg: Config, accelerator, run_dir: str, seed: int, stage: str, selfies_target: bool = False) -> dict:
     from accelerate.utils import send_to_device
 
-    from ..collator import BatchPlan, Collator
-    from ..llm import load_tokenizer
+    from ..dataset.collator import BatchPlan, Collator
+    from ..models.llm import load_tokenizer
 
     out_dir = os.path.join(run_dir, stage)
     tok = load_tokenizer(cfg.llm.name, cfg.llm.trust_remote_code)

@@ -29,8 +29,8 @@ import torch
 
 from graph.dataset import ShardDataset, to_pyg
 
-from .llm import GRAPH_TOKEN
-from .projector import graph_token_count
+from ..models.llm import GRAPH_TOKEN
+from ..models.projector import graph_token_count
 
 DEFAULT_SYSTEM = ("You are a chemistry assistant. Molecules are given as graph tokens and as SELFIES strings; "
                   "answer with SELFIES when the answer is a molecule.")

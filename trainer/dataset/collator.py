@@ -102,7 +102,7 @@ class BatchPlan(torch.utils.data.Sampler):
 
 @dataclass
 class Collator:
-    """Builds model inputs from dataset items (`trainer.instructions.InstructionDataset`).
+    """Builds model inputs from dataset items (`trainer.dataset.instructions.InstructionDataset`).
 
     packed=True: items fill rows of at most `budget` tokens in the order given (next fit), so a
     `BatchPlan` packed batch gives exactly its planned rows. packed=False: one sample per row.

@@ -89,7 +89,7 @@ def _whole_model_loading():
 def resolve(path: str) -> str:
     """The export folder behind `path`: an export, a checkpoint (CKPT/export), or a stage folder
     (RUN_DIR/STAGE: its final export, else its latest checkpoint's). Raises FileNotFoundError otherwise."""
-    from .loop import latest_checkpoint
+    from ..loop import latest_checkpoint
 
     candidates = [path, os.path.join(path, "export")]
     latest = latest_checkpoint(os.path.join(path, "checkpoints"))
@@ -116,7 +116,7 @@ def _load_export(folder: str, attn_implementation: str | None, dtype: torch.dtyp
     from graph.encoder import HierarchicalEncoder
 
     from .llm import GRAPH_TOKEN, load_llm
-    from .model import MultimodalLM
+    from .multimodal_lm import MultimodalLM
     from .projector import GraphProjector
 
     with open(os.path.join(folder, CONFIG_NAME)) as f:
@@ -138,7 +138,7 @@ def _load_export(folder: str, attn_implementation: str | None, dtype: torch.dtyp
 def dataset_for(meta: dict, folder: str, tok):
     """The instruction dataset of `folder` as the exported model reads it: its prompt, and as many graph
     placeholders as its projector's reduction and levels produce."""
-    from .instructions import InstructionDataset, PromptConfig
+    from ..dataset.instructions import InstructionDataset, PromptConfig
 
     from .projector import layout_queries
 

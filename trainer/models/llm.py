@@ -25,7 +25,7 @@ import os
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GRAPH_TOKEN = "<graph>"  # placeholder; each occurrence becomes one projected graph token
 SMOLLM2 = "smollm2-135m"
 TINY = "tiny-random"
@@ -138,11 +138,11 @@ def tiny_llama_config(vocab_size: int, hidden: int = 64, layers: int = 2, heads:
 def load_llm(name: str, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
              trust_remote_code: bool = False, seed: int = 0, zero3: bool | None = None, vocab_chunks: int = 0):
     """(tokenizer, causal LM). The embedding matrix is NOT resized for the placeholder: its id is never
-    looked up (trainer.model replaces those positions), so the base model stays byte-identical.
+    looked up (trainer.models.multimodal_lm replaces those positions), so the base model stays byte-identical.
     `zero3=True`: partitioned from construction on, streamed from safetensors (collective: every rank
     calls it inside the DeepSpeed run); None (default): so inside an Accelerate ZeRO-3 run (`zero3_run`,
     or transformers' DeepSpeed integration on); False: whole on this process, also inside such a run.
-    `vocab_chunks` > 0: the embedding and LM head as that many row blocks (trainer.vocab_chunks); under
+    `vocab_chunks` > 0: the embedding and LM head as that many row blocks (trainer.models.vocab_chunks); under
     ZeRO-3 the blocks are built partitioned and filled from the files directly, so no rank ever allocates
     a whole vocabulary matrix (the largest tensor of a LLaMA-3 model, 1 GB in fp32 for the 1B)."""
     from transformers import AutoModelForCausalLM

@@ -13,7 +13,7 @@ import os
 
 from graph.atomic import atomic_write_json
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The shipped samples (data/) each task is built from; reagent's is synthetic (tests and demo only).
 SHIPPED = {
     "molcap": ("data/chebi20/train.txt", "data/chebi20/test.txt"),
@@ -26,7 +26,7 @@ SHIPPED = {
 def prepare(task: str, source: str, out_root: str, name: str | None = None, limit: int | None = None,
             progress: bool = False) -> str:
     """Convert `source` for `task` and preprocess it into OUT_ROOT/NAME (default: the task name)."""
-    from .converters import run as convert
+    from ..converters import run as convert
 
     name = name or task
     os.makedirs(out_root, exist_ok=True)
@@ -53,7 +53,7 @@ def preprocess(jsonl: str, folder: str, progress: bool = False) -> dict:
 def record_overlap(train: dict, held_out: dict, path: str) -> dict:
     """{name: overlap figure} of each held-out folder against all `train` folders ({name: folder} both), also
     written to PATH (JSON, merged with what PATH held). See trainer.data.overlap."""
-    from .data import overlap, summary_line
+    from ..data import overlap, summary_line
 
     results = {}
     if os.path.exists(path):

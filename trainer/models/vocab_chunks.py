@@ -94,7 +94,7 @@ def partitioned_vocab(llm, sizes: list[int]) -> dict:
     """Inside `deepspeed.zero.Init`, on a model built with a one-row placeholder vocabulary: put empty row
     blocks (partitioned as each is created, so a rank allocates one block whole at a time) in place of its
     embedding and LM head. Returns, per block parameter, (the stored matrix's name, first row) for
-    `trainer.llm.load_partitions`, which fills the blocks."""
+    `trainer.models.llm.load_partitions`, which fills the blocks."""
     emb, head = llm.get_input_embeddings(), llm.get_output_embeddings()
     w = emb.weight
     hidden, dtype = w.ds_shape[1], w.dtype
@@ -121,14 +121,14 @@ def partitioned_vocab(llm, sizes: list[int]) -> dict:
 def chunk_vocab(llm, chunks: int):
     """Replace the input embedding and LM head of a plain (not ZeRO-3 partitioned) HF causal LM by `chunks`
     row blocks each, views of its matrices (in place; returns `llm`). Under ZeRO-3 the blocks are built at
-    load instead: `trainer.llm.load_llm(..., vocab_chunks=chunks)`."""
+    load instead: `trainer.models.llm.load_llm(..., vocab_chunks=chunks)`."""
     emb, head = llm.get_input_embeddings(), llm.get_output_embeddings()
     if isinstance(emb, ChunkedVocab):
         raise ValueError("the vocabulary is already chunked")
     w = emb.weight
     if _zero3(w):
         raise ValueError("chunk_vocab: the model is ZeRO-3 partitioned; build it with "
-                         "trainer.llm.load_llm(..., vocab_chunks=N), which creates the blocks partitioned")
+                         "trainer.models.llm.load_llm(..., vocab_chunks=N), which creates the blocks partitioned")
     sizes = chunk_sizes(w.shape[0], chunks)
     blocks = _chunked(w, sizes)
     llm.set_input_embeddings(ChunkedVocab(blocks, sizes, lookup=True))

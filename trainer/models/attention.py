@@ -3,7 +3,7 @@
 A block-diagonal mask makes SDPA compute the whole (row x row) score matrix and throw most of it away:
 with 6 samples in a 2,048-token row that is ~6x the attention work of running them apart. Like the
 flash-attention varlen kernels, this runs causal SDPA on each sample's slice of a flattened [1, T]
-batch, given `cu_seq_lens_q` (sample boundaries; trainer.model passes them), so attention costs
+batch, given `cu_seq_lens_q` (sample boundaries; trainer.models.multimodal_lm passes them), so attention costs
 sum(l_i^2), the same as unpadded separate samples, and the causal kernel skips the upper triangle.
 Training only: without boundaries (e.g. cached generation) it refuses rather than attend across samples.
 """

@@ -40,7 +40,7 @@ from graph.hierarchy import mol_to_graph
 TASK = "grounding"
 SPLITS = ("train", "test")
 NO_INCHIKEY = "no_inchikey"  # reject reason: RDKit writes no InChI (e.g. ChEBI's '*' attachment points)
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_SOURCES = (os.path.join(ROOT, "data", "chebi20", "train.txt"), os.path.join(ROOT, "data", "chebi20", "test.txt"))
 
 # (name, how a question names it, SMARTS). Written for standardised parents (neutralised, explicit
@@ -155,7 +155,7 @@ class Molecule:
 
 def molecule(smiles: str, std: Standardizer, source: str = "", row: int = -1) -> Molecule:
     """One source SMILES to its standardised parent with all answers, or a Reject."""
-    from .converters import _texts
+    from ..converters import _texts
 
     smi, sf = _texts([std.parent(smiles)])
     mol = chem.parse_smiles(smi)  # the molecule as the record's reader sees it (fresh parse of the text)
@@ -172,7 +172,7 @@ def resolve(path: str) -> list[str]:
     """Input files of one --input: a file, a folder (its CSV/SMILES/TSV files, sorted), or the
     installed data sets 'qm9' (qm9pack's parts) and 'moses' / 'moses_test' (molsets' CSVs)."""
     if path == "qm9":
-        from .converters import qm9_folder
+        from ..converters import qm9_folder
 
         return sorted(glob.glob(os.path.join(qm9_folder(), "qm9_part*.csv")))  # the folder holds other tables too
     if path in ("moses", "moses_test"):

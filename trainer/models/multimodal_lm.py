@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import VARLEN
-from .collator import IGNORE
+from ..dataset.collator import IGNORE
 
 
 class LossOutput(NamedTuple):
@@ -85,7 +85,7 @@ class MultimodalLM(nn.Module):
         return self.projector is not None and self.projector.cfg.kind == "dynamic"
 
     def condition(self, cond: dict | None, num_mols: int) -> dict | None:
-        """Per-molecule condition of a dynamic projector from the batch's `cond` (trainer.collator.condition_inputs):
+        """Per-molecule condition of a dynamic projector from the batch's `cond` (trainer.dataset.collator.condition_inputs):
         the mean frozen input embedding of each molecule's instruction tokens, or its task id."""
         if not self.dynamic:
             return None
