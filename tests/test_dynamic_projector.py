@@ -186,3 +186,52 @@ def test_dynamic_gates_learn_per_task_under_zero3_like_one_process(tmp_path, dat
     with open(str(tmp_path / "one" / "run" / "lora" / "metrics.jsonl")) as f:
         logged = [json.loads(line) for line in f]
     assert all(f"lora/gate_{lv}" in row for row in logged for lv in LEVELS)
+
+
+def _level_data(n_mols: int, dim: int, gen: torch.Generator):
+    """Encoder outputs with independent random features per level (molecules of 3-12 atoms, 1-4 motifs)."""
+    from graph.encoder import EncoderOutput
+
+    atoms = torch.randint(3, 13, (n_mols,), generator=gen)
+    motifs = torch.randint(1, 5, (n_mols,), generator=gen)
+    ids = torch.arange(n_mols)
+    return EncoderOutput(torch.randn(int(atoms.sum()), dim, generator=gen), ids.repeat_interleave(atoms),
+                         torch.randn(int(motifs.sum()), dim, generator=gen), ids.repeat_interleave(motifs),
+                         torch.randn(n_mols, dim, generator=gen), ids)
+
+
+@pytest.mark.parametrize("fusion,reduction", [("gate", "hierarchical"), ("cross_attention", "none")])
+def test_gates_route_each_task_to_the_level_its_answer_needs(fusion, reduction):
+    """Two tasks whose targets read different levels (task "nodes": a linear function of the molecule's mean
+    atom features; task "whole": of its graph feature; every level independent noise for the other task).
+    The projector's tokens are summed per molecule into a linear readout, so a level the task does not need
+    only adds noise: after a short training each task's gates favour the level its target reads (the level
+    neither needs may keep weight: a projection can silence it as well as its gate can)."""
+    from trainer.models.projector import segment_mean
+
+    torch.manual_seed(0)
+    dim, out = 16, 8
+    proj = GraphProjector(ProjectorConfig(in_dim=dim, out_dim=out, kind="dynamic", fusion=fusion, condition="task",
+                                          tasks=["nodes", "whole"], reduction=reduction, queries=2))
+    readout = torch.nn.Linear(out, 1)
+    w = torch.randn(2, dim)
+    opt = torch.optim.Adam([*proj.parameters(), *readout.parameters()], lr=1e-2)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(300):
+        enc = _level_data(32, dim, gen)
+        task = torch.arange(32) % 2
+        source = torch.where(task[:, None] == 0, segment_mean(enc.node, enc.node_batch, 32), enc.graph)
+        target = (source * w[task]).sum(1)
+        toks, mols = proj(enc, 32, {"mol_task": task})
+        pred = readout(segment_mean(toks, mols, 32) * torch.bincount(mols, minlength=32)[:, None]).squeeze(1)
+        loss = torch.nn.functional.mse_loss(pred, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        gates = torch.softmax(proj.task_gates.weight, -1)  # [task, level] in LEVELS order
+    node, graph = LEVELS.index("node"), LEVELS.index("graph")
+    # each task weights its own level over the other task's by 2x, and more than the other task does
+    assert gates[0, node] > 2 * gates[0, graph] and gates[1, graph] > 2 * gates[1, node], gates
+    assert gates[0, node] > gates[1, node] + 0.15 and gates[1, graph] > gates[0, graph] + 0.15, gates
+    assert loss.item() < 0.5 * target.var().item()  # the readout learnt the targets, it did not just move gates
