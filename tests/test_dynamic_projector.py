@@ -173,6 +173,7 @@ def test_dynamic_gates_learn_per_task_under_zero3_like_one_process(tmp_path, dat
     for stage in ("align_selfies", "lora"):
         assert two["stages"][stage]["ranks_identical"] and two["stages"][stage]["frozen_params_unchanged"]
         assert two["stages"][stage]["export_max_abs_logit_diff"] <= 1e-5  # the export reloads the dynamic projector
+        assert two["stages"][stage]["export_reload"] == "zero3_partitioned"
         assert _losses(str(tmp_path / "two" / "run"), stage) == pytest.approx(_losses(str(tmp_path / "one" / "run"), stage), abs=1e-4)
     lora = one["stages"]["lora"]
     assert lora["init_projector"].endswith(os.path.join("align_selfies", "export", "projector"))

@@ -117,6 +117,7 @@ def test_zero3_two_ranks_and_export_reloads_with_peft(tmp_path, data, single):
     for stage in ("align", "lora"):
         assert s["stages"][stage]["flops_per_token"] == pytest.approx(single[1]["stages"][stage]["flops_per_token"])
         assert s["stages"][stage]["export_max_abs_logit_diff"] <= 1e-5
+        assert s["stages"][stage]["export_reload"] == "zero3_partitioned"  # reloaded on every rank, never whole
     export = s["stages"]["lora"]["export"]
     # the adapter is a real PEFT folder with non-empty, trained tensors (a rank-0-only gather writes empty ones)
     adapter = load_file(os.path.join(export, "adapter", "adapter_model.safetensors"))

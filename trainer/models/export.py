@@ -102,15 +102,39 @@ def resolve(path: str) -> str:
                             "stage folder (RUN_DIR/STAGE) with export/ or checkpoints/step-N/export/")
 
 
-def load_export(folder: str, attn_implementation: str | None = None, dtype: torch.dtype = torch.float32):
+def load_export(folder: str, attn_implementation: str | None = None, dtype: torch.dtype = torch.float32,
+                zero3: bool = False):
     """(tokenizer, MultimodalLM, meta) from an export folder (or a checkpoint / stage folder, see resolve);
-    the LoRA adapter is loaded with PEFT. The model is whole on the calling process (never ZeRO-3
-    partitioned)."""
+    the LoRA adapter is loaded with PEFT. The model is whole on the calling process; `zero3=True` (inside
+    a DeepSpeed ZeRO-3 run, on every rank: collective): the LLM is built partitioned and streamed from its
+    safetensors files as the stages build it (`trainer.models.llm.build_zero3`), so no rank ever holds it
+    whole; run it through a DeepSpeed engine (`zero3_inference_engine`)."""
+    if zero3:
+        return _load_export(resolve(folder), attn_implementation, dtype, zero3=True)
     with _whole_model_loading():
         return _load_export(resolve(folder), attn_implementation, dtype)
 
 
-def _load_export(folder: str, attn_implementation: str | None, dtype: torch.dtype):
+def zero3_inference_engine(model, accelerator):
+    """A DeepSpeed ZeRO-3 engine without an optimizer around a partitioned model (ZeRO-Inference): its hooks
+    gather each module's parameters for the forward. Same DeepSpeed settings as the run's."""
+    import deepspeed
+    from deepspeed.utils import set_z3_leaf_modules
+
+    from graph.encoder import HierarchicalEncoder
+
+    from .projector import GraphProjector
+
+    if getattr(model, "encoder", None) is not None:
+        # the encoder's layers read child embedding tables, the cross-attention projector nn.MultiheadAttention's
+        # out_proj weight, without calling those children; under this engine they came out ungathered
+        # (DeepSpeed 0.19.8), so both (small) are gathered whole at their forward
+        set_z3_leaf_modules(model, [HierarchicalEncoder, GraphProjector])
+    config = {k: v for k, v in accelerator.deepspeed_config.items() if k not in ("optimizer", "scheduler")}
+    return deepspeed.initialize(model=model, config=config)[0]
+
+
+def _load_export(folder: str, attn_implementation: str | None, dtype: torch.dtype, zero3: bool = False):
     from transformers import AutoTokenizer
 
     from graph.encoder import HierarchicalEncoder
@@ -122,7 +146,7 @@ def _load_export(folder: str, attn_implementation: str | None, dtype: torch.dtyp
     with open(os.path.join(folder, CONFIG_NAME)) as f:
         meta = json.load(f)
     _, lm = load_llm(meta["llm"], dtype=dtype, attn_implementation=attn_implementation or meta["attn_implementation"],
-                     seed=meta.get("llm_seed", 0), zero3=False)
+                     seed=meta.get("llm_seed", 0), zero3=zero3, vocab_chunks=meta.get("vocab_chunks", 0) if zero3 else 0)
     if os.path.isdir(os.path.join(folder, "adapter")):
         from peft import PeftModel
 

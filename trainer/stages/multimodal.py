@@ -26,9 +26,10 @@ from graph.encoder import EncoderConfig, HierarchicalEncoder
 
 from ..builders import optimizer_and_schedule
 from ..config import ConfigError, TrainConfig, check_path
-from ..models.export import gathered_state, load_export, save_export
 from ..dataset.instructions import InstructionDataset, PromptConfig, TaskMix
 from ..loop import prepare_training, train
+from ..models.export import gathered_state, load_export, save_export, zero3_inference_engine
+from ..models.llm import zero3_run
 from ..models.projector import (CONDITIONS, FUSIONS, KINDS, LEVELS, REDUCTIONS, GraphProjector, ProjectorConfig, layout_queries,
                          segment_mean)
 from .encoder_ssl import EncoderArch
@@ -351,7 +352,8 @@ def run(cfg: Config, accelerator, run_dir: str, seed: int, stage: str, selfies_t
 
     meta = {"llm": cfg.llm.name, "attn_implementation": cfg.llm.attn_implementation, "stage": stage,
             "prompt": dataclasses.asdict(cfg.prompt), "projector": dataclasses.asdict(cfg.projector),
-            "lora": dataclasses.asdict(cfg.lora) if cfg.lora else None, "data": cfg.data, "seed": seed}
+            "lora": dataclasses.asdict(cfg.lora) if cfg.lora else None, "data": cfg.data, "seed": seed,
+            "vocab_chunks": cfg.llm.vocab_chunks}  # a ZeRO-3 reload builds the same row blocks
 
     def snapshot(folder):  # every checkpoint carries an export: generation from a checkpoint, no unpickling
         save_export(unwrapped, tok, os.path.join(folder, "export"), meta, accelerator)
@@ -372,6 +374,7 @@ def run(cfg: Config, accelerator, run_dir: str, seed: int, stage: str, selfies_t
         probe = send_to_device(collate([data[i] for i in range(min(3, len(data)))]), accelerator.device)
         checks["export_max_abs_logit_diff"] = verify_export(unwrapped, probe, export, os.path.join(out_dir, "probe.safetensors"),
                                                             accelerator)
+        checks["export_reload"] = "zero3_partitioned" if zero3_run() else "whole_on_main_process"
     accelerator.free_memory(engine, opt)  # the next stage gets a fresh DeepSpeed engine
     return {**metrics, **inits, **checks, "export": export, "samples": len(data),
             "rejected_longer_than_max_length": sum(r["reason"] == "longer_than_max_length" for r in data.rejects),
@@ -394,7 +397,9 @@ def ranks_identical(model, accelerator) -> bool:
 @torch.no_grad()
 def verify_export(model, probe: dict, export: str, path: str, accelerator) -> float:
     """Logits of the trained model on a probe batch (every rank: ZeRO-3 forward is collective) against
-    the export reloaded from disk with PEFT (main process). The probe and its logits are saved to `path`."""
+    the export reloaded from disk with PEFT: under ZeRO-3 on every rank, partitioned like the training
+    model (a model no rank can hold is never loaded whole), else on the main process. The probe and its
+    logits are saved to `path`."""
     from safetensors.torch import save_file
 
     was_training = model.training
@@ -402,9 +407,17 @@ def verify_export(model, probe: dict, export: str, path: str, accelerator) -> fl
     logits = model.logits(probe)
     model.train(was_training)
     diff = 0.0
-    if accelerator.is_main_process:
+    if zero3_run():
+        _, reloaded, _ = load_export(export, zero3=True)
+        engine = zero3_inference_engine(reloaded, accelerator)
+        mine = (reloaded.logits(probe) - logits).abs().max().float().reshape(1)
+        diff = float(accelerator.gather(mine).max())  # every rank computed the whole probe
+        accelerator.free_memory(engine)
+        del engine, reloaded
+    elif accelerator.is_main_process:
         _, reloaded, _ = load_export(export)
         diff = float((reloaded.logits(send_to_cpu(probe)) - logits.cpu()).abs().max())
+    if accelerator.is_main_process:
         save_file({"logits": logits.cpu().contiguous(), "input_ids": probe["input_ids"].cpu().contiguous()}, path)
     accelerator.wait_for_everyone()
     return diff
