@@ -84,7 +84,7 @@ class MultimodalLM(nn.Module):
     def dynamic(self) -> bool:
         return self.projector is not None and self.projector.cfg.kind == "dynamic"
 
-    def condition(self, cond: dict | None, num_mols: int) -> dict | None:
+    def condition(self, cond: dict | None) -> dict | None:
         """Per-molecule condition of a dynamic projector from the batch's `cond` (trainer.dataset.collator.condition_inputs):
         the mean frozen input embedding of each molecule's instruction tokens, or its task id."""
         if not self.dynamic:
@@ -123,7 +123,7 @@ class MultimodalLM(nn.Module):
             graphs, num_mols = _stand_in_graph().to(self.device), 1
             mol_cond = self._stand_in_condition()
         else:
-            mol_cond = self.condition(cond, num_mols)
+            mol_cond = self.condition(cond)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoder):
             enc = self.encoder(graphs)
         tokens, mols = self.projector(enc, num_mols, mol_cond)

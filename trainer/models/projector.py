@@ -171,7 +171,7 @@ class GraphProjector(nn.Module):
         if cfg.fusion == "cross_attention":
             self.queries = nn.ModuleDict({lv: LevelQueries(cfg.in_dim, cfg.queries, cond_dim) for lv in cfg.levels})
 
-    def gate_logits(self, cond: dict | None, num_mols: int) -> torch.Tensor:
+    def gate_logits(self, cond: dict | None) -> torch.Tensor:
         """[molecules, levels] gate logits from the condition: `cond["mol_vec"]` ([molecules, cond_dim], the
         instruction embedding of each molecule's sample) or `cond["mol_task"]` ([molecules] task ids)."""
         if cond is None:
@@ -188,7 +188,7 @@ class GraphProjector(nn.Module):
                 "graph": (enc.graph, enc.graph_batch)}
         gates = None
         if cfg.kind == "dynamic":
-            logits = self.gate_logits(cond, num_mols)
+            logits = self.gate_logits(cond)
             gates = torch.softmax(logits.float(), dim=-1).to(enc.node.dtype)  # [molecules, levels]
             self.last_gates = gates.detach()
         if cfg.kind == "dynamic" and cfg.fusion == "cross_attention":

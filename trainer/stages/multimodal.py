@@ -298,7 +298,7 @@ def gate_report(model, data: TaskMix, limit: int = 4096, batch: int = 256) -> di
             k = part.index[j]
             keys.append((part.task_names[k] or os.path.basename(part.folder.rstrip("/")), part.question_types[k]))
         cond = condition_inputs(items)
-        gates = torch.softmax(model.projector.gate_logits(model.condition(cond, len(items)), len(items)).float(), -1).cpu()
+        gates = torch.softmax(model.projector.gate_logits(model.condition(cond)).float(), -1).cpu()
         for (task, qt), g in zip(keys, gates):
             for group, key in (("by_task", task), ("by_question_type", qt)):
                 if key is not None:
