@@ -60,11 +60,20 @@ class ChunkedVocab(nn.Module):
         return out
 
 
+class VocabChunksError(ValueError):
+    """A block count the vocabulary cannot take (a recipe error, reported as such by the stages)."""
+
+
 def chunk_sizes(vocab: int, chunks: int) -> list[int]:
     """Rows per block, the first `vocab % chunks` blocks one row longer."""
     if not 1 <= chunks <= vocab:
-        raise ValueError(f"vocab chunks must be in [1, {vocab}] (the vocabulary size), got {chunks}")
+        raise VocabChunksError(f"vocab chunks must be in [1, {vocab}] (the vocabulary size), got {chunks}")
     return [vocab // chunks + (i < vocab % chunks) for i in range(chunks)]
+
+
+def block_starts(sizes: list[int]) -> list[int]:
+    """The first row of each block."""
+    return [sum(sizes[:i]) for i in range(len(sizes))]
 
 
 def _zero3(w: torch.Tensor) -> bool:
@@ -86,8 +95,7 @@ def local_range(w: torch.Tensor) -> tuple[int, int, torch.Tensor]:
 
 def _chunked(w: torch.Tensor, sizes: list[int]) -> nn.ModuleList:
     """Frozen blocks of a plain weight: views, so chunking copies nothing."""
-    starts = [sum(sizes[:i]) for i in range(len(sizes))]
-    return nn.ModuleList(VocabChunk(w.detach()[a:a + rows]) for a, rows in zip(starts, sizes))
+    return nn.ModuleList(VocabChunk(w.detach()[a:a + rows]) for a, rows in zip(block_starts(sizes), sizes))
 
 
 def partitioned_vocab(llm, sizes: list[int]) -> dict:
@@ -102,7 +110,7 @@ def partitioned_vocab(llm, sizes: list[int]) -> dict:
     if head is not None and getattr(head, "bias", None) is not None:
         raise NotImplementedError("vocab chunks: an LM head with a bias")
     module_name = {id(m): n for n, m in llm.named_modules()}
-    firsts = [sum(sizes[:i]) for i in range(len(sizes))]
+    firsts = block_starts(sizes)
 
     def blocks(owner) -> tuple[nn.ModuleList, dict]:
         name = module_name[id(owner)]

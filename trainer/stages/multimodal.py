@@ -179,15 +179,14 @@ def build_model(cfg: Config, run_dir: str, stage: str, tok, seed: int):
     """The multimodal model for a stage (frozen encoder, projector, LLM with LoRA in stage 2)."""
     from ..models.llm import GRAPH_TOKEN, load_llm
     from ..models.multimodal_lm import MultimodalLM
+    from ..models.vocab_chunks import VocabChunksError
 
     dtype = getattr(torch, cfg.llm.dtype)
     try:
         _, lm = load_llm(cfg.llm.name, dtype=dtype, attn_implementation=cfg.llm.attn_implementation,
                          trust_remote_code=cfg.llm.trust_remote_code, vocab_chunks=cfg.llm.vocab_chunks)
-    except ValueError as e:
-        if "vocab chunks" not in str(e):
-            raise
-        raise ConfigError(f"{stage}.llm.vocab_chunks: {e}") from None  # more blocks than vocabulary rows
+    except VocabChunksError as e:  # more blocks than vocabulary rows
+        raise ConfigError(f"{stage}.llm.vocab_chunks: {e}") from None
     lm.requires_grad_(False)
     if cfg.llm.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -372,9 +371,8 @@ def run(cfg: Config, accelerator, run_dir: str, seed: int, stage: str, selfies_t
     checks = {"ranks_identical": ranks_identical(unwrapped, accelerator)}
     if cfg.verify_export:
         probe = send_to_device(collate([data[i] for i in range(min(3, len(data)))]), accelerator.device)
-        checks["export_max_abs_logit_diff"] = verify_export(unwrapped, probe, export, os.path.join(out_dir, "probe.safetensors"),
-                                                            accelerator)
-        checks["export_reload"] = "zero3_partitioned" if zero3_run() else "whole_on_main_process"
+        checks["export_max_abs_logit_diff"], checks["export_reload"] = verify_export(
+            unwrapped, probe, export, os.path.join(out_dir, "probe.safetensors"), accelerator)
     accelerator.free_memory(engine, opt)  # the next stage gets a fresh DeepSpeed engine
     return {**metrics, **inits, **checks, "export": export, "samples": len(data),
             "rejected_longer_than_max_length": sum(r["reason"] == "longer_than_max_length" for r in data.rejects),
@@ -395,19 +393,19 @@ def ranks_identical(model, accelerator) -> bool:
 
 
 @torch.no_grad()
-def verify_export(model, probe: dict, export: str, path: str, accelerator) -> float:
+def verify_export(model, probe: dict, export: str, path: str, accelerator) -> tuple[float, str]:
     """Logits of the trained model on a probe batch (every rank: ZeRO-3 forward is collective) against
     the export reloaded from disk with PEFT: under ZeRO-3 on every rank, partitioned like the training
-    model (a model no rank can hold is never loaded whole), else on the main process. The probe and its
-    logits are saved to `path`."""
+    model (a model no rank can hold is never loaded whole), else on the main process. Returns (max abs
+    logit difference, how it was reloaded). The probe and its logits are saved to `path`."""
     from safetensors.torch import save_file
 
     was_training = model.training
     model.eval()
     logits = model.logits(probe)
     model.train(was_training)
-    diff = 0.0
-    if zero3_run():
+    diff, how = 0.0, "zero3_partitioned" if zero3_run() else "whole_on_main_process"
+    if how == "zero3_partitioned":
         _, reloaded, _ = load_export(export, zero3=True)
         engine = zero3_inference_engine(reloaded, accelerator)
         mine = (reloaded.logits(probe) - logits).abs().max().float().reshape(1)
@@ -420,7 +418,7 @@ def verify_export(model, probe: dict, export: str, path: str, accelerator) -> fl
     if accelerator.is_main_process:
         save_file({"logits": logits.cpu().contiguous(), "input_ids": probe["input_ids"].cpu().contiguous()}, path)
     accelerator.wait_for_everyone()
-    return diff
+    return diff, how
 
 
 def send_to_cpu(batch: dict) -> dict:
