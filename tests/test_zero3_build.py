@@ -1,7 +1,7 @@
 """The LLM built under ZeRO-3 (trainer.models.llm.build_zero3): partitioned from construction on and streamed
 from safetensors slice by slice, on 2 real ranks under `accelerate launch` + DeepSpeed ZeRO-3.
 
-This file is also the worker: `accelerate launch ... tests/test_zero3_build.py OUT.json MID TINY`.
+This file is also the worker: `accelerate launch ... tests/test_zero3_build.py OUT.json MID TINY REMOTE`.
 """
 import json
 import os
@@ -67,7 +67,69 @@ def _check(lm, folder, world):
             "local": sum(p.ds_tensor.numel() for p in lm.parameters()), "full": sum(p.ds_numel for p in lm.parameters())}
 
 
-def worker(out, mid, tiny):
+REMOTE_CONFIG = """from transformers import LlamaConfig
+
+
+class RemoteLlamaConfig(LlamaConfig):
+    model_type = "remote_llama"
+"""
+# a class decorator that replaces __init__ after the class is created, as transformers' hub-kernel hooks do
+REMOTE_MODELING = """from transformers import LlamaForCausalLM
+
+from .configuration_remote import RemoteLlamaConfig
+
+
+def tagged(cls):
+    plain = cls.__init__
+
+    def __init__(self, config):
+        plain(self, config)
+        self.remote_tagged = True
+
+    cls.__init__ = __init__
+    return cls
+
+
+@tagged
+class RemoteLlamaForCausalLM(LlamaForCausalLM):
+    config_class = RemoteLlamaConfig
+"""
+
+
+def _remote_folder(tiny: str, out: str) -> str:
+    """The tiny LLaMA as a trust_remote_code model: its own config / model classes from the folder."""
+    import shutil
+
+    shutil.copytree(tiny, out)
+    with open(os.path.join(out, "config.json")) as f:
+        cfg = json.load(f)
+    cfg.update(model_type="remote_llama", architectures=["RemoteLlamaForCausalLM"],
+               auto_map={"AutoConfig": "configuration_remote.RemoteLlamaConfig",
+                         "AutoModelForCausalLM": "modeling_remote.RemoteLlamaForCausalLM"})
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    for name, text in (("configuration_remote.py", REMOTE_CONFIG), ("modeling_remote.py", REMOTE_MODELING)):
+        with open(os.path.join(out, name), "w") as f:
+            f.write(text)
+    return out
+
+
+def test_remote_code_class_resolved_only_when_trusted(tmp_path, monkeypatch):
+    """The ZeRO-3 build imports a remote-code model's class before zero.Init (a class created inside it
+    loses a decorator that replaced its __init__), and only with trust_remote_code."""
+    from transformers import AutoConfig
+
+    from trainer.models.llm import _import_model_class, llm_path
+
+    remote = _remote_folder(llm_path("tiny-random"), str(tmp_path / "remote"))
+    cfg = AutoConfig.from_pretrained(remote, trust_remote_code=True)
+    assert _import_model_class(cfg, remote, trust_remote_code=False) is None
+    cls = _import_model_class(cfg, remote, trust_remote_code=True)
+    assert cls.__name__ == "RemoteLlamaForCausalLM" and cls.__module__ in sys.modules
+    assert _import_model_class(AutoConfig.from_pretrained(llm_path("tiny-random")), remote).__name__ == "LlamaForCausalLM"
+
+
+def worker(out, mid, tiny, remote):
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, InitProcessGroupKwargs, gather_object
 
@@ -103,6 +165,12 @@ def worker(out, mid, tiny):
     loss = engine(input_ids=ids, labels=ids).loss
     engine.backward(loss)
     rep["loss"] = float(loss)
+    # a trust_remote_code model: its class comes from the folder and keeps its decorated __init__ after
+    # the ZeRO-3 build (instances created later are tagged too)
+    _, rlm = llm.load_llm(remote, attn_implementation="eager", vocab_chunks=CHUNKS, trust_remote_code=True)
+    rep["remote"] = _check(rlm, remote, world)
+    rep["remote_class"] = type(rlm).__name__
+    rep["remote_tagged_after"] = getattr(type(rlm)(rlm.config), "remote_tagged", False)
     reports = gather_object([rep])
     if acc.is_main_process:
         with open(out, "w") as f:
@@ -123,7 +191,7 @@ def folders(tmp_path_factory):
     lm = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=len(tok) - 1, **MID), dtype=torch.float32)
     lm.save_pretrained(mid, max_shard_size="80MB")  # several shards and an index
     tok.save_pretrained(mid)
-    return mid, tiny
+    return mid, tiny, _remote_folder(tiny, str(tmp_path_factory.mktemp("remote") / "llama"))
 
 
 @pytest.mark.slow
@@ -137,12 +205,12 @@ def test_zero3_build_streams_partitions(tmp_path, folders):
 
     from test_llm_stages import _zero3_config  # ds_configs/zero3.json with the persistence thresholds at 0
 
-    mid, tiny = folders
+    mid, tiny, remote = folders
     out = tmp_path / "report.json"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            os.path.join(ROOT, "launch_configs", "accelerate", "cpu_2proc_zero3.yaml"),
            "--deepspeed_config_file", _zero3_config(tmp_path), "--main_process_port", str(_free_port()),
-           os.path.abspath(__file__), str(out), mid, tiny]
+           os.path.abspath(__file__), str(out), mid, tiny, remote]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
     env.pop("ACCELERATE_USE_CPU", None)
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
@@ -154,7 +222,8 @@ def test_zero3_build_streams_partitions(tmp_path, folders):
     with torch.no_grad():
         ref_loss = float(ref(input_ids=ids, labels=ids).loss)
     for rep in reports:
-        for which in ("mid", "mid_chunked", "tiny"):
+        assert rep["remote_class"] == "RemoteLlamaForCausalLM" and rep["remote_tagged_after"], rep
+        for which in ("mid", "mid_chunked", "tiny", "remote"):
             m = rep[which]
             assert m["share_ok"] and m["checked"] > 10 and m["max_diff"] == 0.0, (which, m)
             assert m["local"] < 0.51 * m["full"]
@@ -176,4 +245,4 @@ def _free_port():
 
 if __name__ == "__main__":
     sys.path.insert(0, ROOT)
-    worker(*sys.argv[1:4])
+    worker(*sys.argv[1:5])

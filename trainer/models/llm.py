@@ -220,11 +220,16 @@ def build_zero3(path: str, dtype: torch.dtype, attn_implementation: str, trust_r
 
     files = safetensors_files(path)
     cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    vocab, pad = cfg.vocab_size, getattr(cfg, "pad_token_id", None)
+    vocab, pad = getattr(cfg, "vocab_size", None), getattr(cfg, "pad_token_id", None)
+    if vocab_chunks and not isinstance(vocab, int):
+        # the placeholder is set on the top-level config; a composite config (text_config inside) would
+        # still build the whole matrix
+        raise ValueError(f"{path}: vocab_chunks under ZeRO-3 needs a top-level integer config.vocab_size "
+                         f"({type(cfg).__name__} has {vocab!r}); set llm.vocab_chunks=0 for this model")
     sizes = chunk_sizes(vocab, vocab_chunks) if vocab_chunks else None  # a bad count fails before any collective
     if sizes:
         cfg.vocab_size, cfg.pad_token_id = 1, None  # the placeholder rows are replaced before use
-    _import_model_class(cfg)
+    _import_model_class(cfg, path, trust_remote_code)
     with _zero_init(dtype):
         lm = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=attn_implementation,
                                               trust_remote_code=trust_remote_code)
@@ -260,16 +265,23 @@ def _zero_init(dtype: torch.dtype):
         yield
 
 
-def _import_model_class(cfg) -> None:
-    """Import the LM's modeling module before zero.Init. A class *created* inside zero.Init loses any
-    decorator that replaced its __init__: DeepSpeed records the undecorated __init__ at class creation and
-    puts it back on exit (DeepSpeed 0.19.8 `_init_subclass` / `_disable_class`). transformers >= 5.25 wraps
-    LlamaAttention.__init__ that way (hub kernels), so every LLaMA built after the ZeRO-3 one crashed in
-    forward with "no attribute '_kernel_funcs'"."""
+def _import_model_class(cfg, path: str, trust_remote_code: bool = False) -> type | None:
+    """Import the LM's modeling module before zero.Init and return its class. A class *created* inside
+    zero.Init loses any decorator that replaced its __init__: DeepSpeed records the undecorated __init__ at
+    class creation and puts it back on exit (DeepSpeed 0.19.8 `_init_subclass` / `_disable_class`).
+    transformers >= 5.25 wraps LlamaAttention.__init__ that way (hub kernels), so every LLaMA built after
+    the ZeRO-3 one crashed in forward with "no attribute '_kernel_funcs'". Remote-code models (only with
+    trust_remote_code) are resolved from the config's auto_map the way from_config would."""
     from transformers import AutoModelForCausalLM
 
-    if type(cfg) in AutoModelForCausalLM._model_mapping:  # remote-code models import through auto_map instead
-        AutoModelForCausalLM._model_mapping[type(cfg)]
+    if type(cfg) in AutoModelForCausalLM._model_mapping:
+        return AutoModelForCausalLM._model_mapping[type(cfg)]
+    ref = (getattr(cfg, "auto_map", None) or {}).get("AutoModelForCausalLM")
+    if ref and trust_remote_code:
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+        return get_class_from_dynamic_module(ref, path)
+    return None  # from_config raises its own error for an unknown architecture
 
 
 def safetensors_files(path: str) -> list[str]:
@@ -339,7 +351,7 @@ def load_partitions(lm, files: list[str], sources: dict | None = None) -> None:
     for target, source in getattr(lm, "all_tied_weights_keys", {}).items():
         alias.setdefault(source, []).append(target)
         alias.setdefault(target, []).append(source)
-    missing = []
+    missing, covered = [], {}  # stored matrix -> rows its row blocks cover
 
     def key_of(name):
         return next((k for k in [name, *alias.get(name, [])] if k in where), None)
@@ -356,6 +368,8 @@ def load_partitions(lm, files: list[str], sources: dict | None = None) -> None:
             if not fits:
                 raise ValueError(f"{where[key]}: {key} has shape {shape}, the model expects {want}"
                                  + ("" if row0 is None else f" from row {row0}"))
+            if row0 is not None:
+                covered[key] = covered.get(key, 0) + want[0]
             offset = (row0 or 0) * _numel(shape[1:])  # a row block: its first element in the stored tensor
             start, n, part = local_range(p)
             lo, hi = min(start, p.ds_numel), min(start + n, p.ds_numel)
@@ -370,6 +384,9 @@ def load_partitions(lm, files: list[str], sources: dict | None = None) -> None:
                     missing.append(name)
                 else:
                     _read_flat(where[key], key, 0, b.numel(), b.view(-1))
+    short = {k: (n, shapes[k][0]) for k, n in covered.items() if n != shapes[k][0]}
+    if short:  # e.g. a config whose vocab_size is not the stored one: rows would be dropped silently
+        raise ValueError(f"{os.path.dirname(files[0])}: the vocabulary row blocks cover (rows, stored rows) {short}")
     if missing:
         raise ValueError(f"{os.path.dirname(files[0])}: {len(missing)} tensors of the model are not in its "
                          f"safetensors files (first: {missing[:3]}); is it the checkpoint of this architecture?")
