@@ -16,7 +16,7 @@ by InChIKey), and reports accuracy over yes/no and count questions (every evalua
 
 Targets are reported, not tuned for: the held-out molecules stay held out and chance is measured on them.
 `--quick` runs the same study on the tiny random LLaMA with a few steps (a pipeline check, ~5 min).
-Extra arguments are experiments-recipe overrides (e.g. lora.train.max_steps=200 eval.limit=null).
+Extra arguments are experiments-recipe overrides (e.g. lora.train.max_steps=200 eval.limit=540).
 Last stdout line: one JSON object.
 """
 from __future__ import annotations
