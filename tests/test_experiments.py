@@ -7,7 +7,7 @@ import os
 import pytest
 import yaml
 
-from conftest import DATA, cli
+from conftest import DATA, ROOT, cli
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +159,41 @@ def test_dynamic_cells_and_the_gates_table_name_the_favoured_and_the_best_static
     assert "| dyn | 0.2000 | 0.5000 | 0.3000 | motif | graph_only/hierarchical/motif (0.6000) | motif |" in text
     assert "| has_ester | 0.1000 | 0.2000 | 0.7000 | graph |" in text and "| count_rings | 0.6000 | 0.3000 | 0.1000 | node |" in text
     assert gates_section("grounding", rows[:3], "accuracy") == []
+
+
+def test_sigterm_stops_the_study_children(tmp_path):
+    """A study stopped with SIGTERM (a scheduler's stop, `kill`) takes its children with it: the
+    training / generation process group gets SIGTERM, so nothing runs on as an orphan. Real processes:
+    a parent running the study's child helper, a child that starts its own grandchild and sleeps."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pids = tmp_path / "pids"
+    child = f"import os, subprocess, time; g = subprocess.Popen(['sleep', '120']); " \
+            f"open({str(pids)!r}, 'w').write(f'{{os.getpid()}} {{g.pid}}'); time.sleep(120)"
+    parent = ("import sys; from trainer.experiments import run_child, sigterm_interrupts\n"
+              "with sigterm_interrupts():\n"
+              f"    run_child([sys.executable, '-c', {child!r}])\n")
+    p = subprocess.Popen([sys.executable, "-c", parent], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (pids.exists() and len(pids.read_text().split()) == 2) and time.time() < deadline:
+        time.sleep(0.2)
+    kids = [int(x) for x in pids.read_text().split()]
+    p.send_signal(signal.SIGTERM)
+    err = p.communicate(timeout=30)[1]
+    assert p.returncode != 0 and "KeyboardInterrupt" in err
+
+    def alive(pid):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        with open(f"/proc/{pid}/stat") as f:  # a zombie (exited, not yet reaped by init) counts as stopped
+            return f.read().split()[2] != "Z"
+
+    deadline = time.time() + 15
+    while any(alive(k) for k in kids) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any(alive(k) for k in kids), kids

@@ -30,13 +30,16 @@ recipe with other sizes (launch_configs/recipes/experiments_demo.yaml, experimen
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -243,6 +246,46 @@ def claim_run_dir(recipe: dict, folder: str, launch: str | None) -> bool:
     return False
 
 
+def run_child(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    """subprocess.run for the study's training / generation children, in their own process group. If
+    this process is interrupted (Ctrl-C, or SIGTERM under `sigterm_interrupts`) the whole group gets
+    SIGTERM, then SIGKILL after 10 s: an `accelerate launch` child's ranks stop with it instead of
+    running on as orphans."""
+    with subprocess.Popen(cmd, start_new_session=True, **kw) as p:
+        try:
+            out, _ = p.communicate()
+        except BaseException:
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(p.pid, sig)
+                    p.wait(timeout=10)
+                    break
+                except ProcessLookupError:
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+            raise
+    return subprocess.CompletedProcess(cmd, p.returncode, out)
+
+
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """SIGTERM (a scheduler's or `kill`'s stop) raises KeyboardInterrupt in the main thread, so
+    `run_child` stops the children; the previous handler comes back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def train_run(recipe: dict, folder: str, launch: str | None) -> dict:
     """`trainer/run.py` on the recipe in a subprocess (log in FOLDER/train.log); its JSON summary.
     The same recipe resumes from its last checkpoint (a finished run returns at once); another recipe
@@ -252,8 +295,8 @@ def train_run(recipe: dict, folder: str, launch: str | None) -> dict:
     with open(path, "w") as f:
         yaml.safe_dump(recipe, f)
     with open(os.path.join(folder, "train.log"), "w") as log:
-        p = subprocess.run([*_launcher(launch), os.path.join(ROOT, "trainer", "run.py"), "--config", path],
-                           cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True)
+        p = run_child([*_launcher(launch), os.path.join(ROOT, "trainer", "run.py"), "--config", path],
+                      cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True)
         log.write(p.stdout)
     if p.returncode != 0:
         raise RuntimeError(f"training exited with {p.returncode}; see {os.path.join(folder, 'train.log')}")
@@ -269,7 +312,7 @@ def evaluate_cell(task: str, export: str, test: str, folder: str, ev: EvalSettin
            "--batch-size", str(ev.batch_size), "--max-new-tokens", str(ev.max_new_tokens), "--num-beams", str(ev.num_beams)]
     cmd += ["--limit", str(ev.limit)] if ev.limit is not None else []
     with open(os.path.join(folder, "generate.log"), "w") as log:
-        p = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        p = run_child(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     if p.returncode != 0:
         raise RuntimeError(f"generation exited with {p.returncode}; see {os.path.join(folder, 'generate.log')}")
     targets, outputs, metas, _ = read_rows(preds)
@@ -500,6 +543,11 @@ def scale_line(r: Recipe, stage1: dict, folders: dict) -> str:
 
 
 def run(r: Recipe) -> dict:
+    with sigterm_interrupts():
+        return _run(r)
+
+
+def _run(r: Recipe) -> dict:
     from tqdm import tqdm
 
     r.out_dir = os.path.abspath(r.out_dir)
