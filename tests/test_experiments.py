@@ -197,3 +197,22 @@ def test_sigterm_stops_the_study_children(tmp_path):
     while any(alive(k) for k in kids) and time.time() < deadline:
         time.sleep(0.2)
     assert not any(alive(k) for k in kids), kids
+
+
+def test_aligned_stage1_uses_the_encoder_and_llm_of_align(tmp_path):
+    """align_selfies trains the projector that align then starts from, so in the aligned stage-1 run it
+    inherits align's encoder (a pretrained one named by align.init_encoder) and LLM unless it names its
+    own; before, the study trained align_selfies on a random encoder and align refused its projector."""
+    from trainer.experiments import load_recipe, stage1_recipe
+
+    recipe = os.path.join(ROOT, "launch_configs", "recipes", "experiments_grounding.yaml")
+    folders = {"grounding": {"train": str(tmp_path / "train"), "test": str(tmp_path / "test")}}
+    r = load_recipe(recipe, ["align.init_encoder=runs/enc", "align.encoder.hidden=32"])
+    rec = stage1_recipe(r, folders, aligned=True)
+    assert rec["stages"] == ["align_selfies", "align"]
+    for k in ("init_encoder", "encoder", "llm"):
+        assert rec["align_selfies"][k] == rec["align"][k]
+    own = stage1_recipe(load_recipe(recipe, ["align.init_encoder=runs/enc", "align_selfies.init_encoder=runs/other"]),
+                        folders, aligned=True)
+    assert own["align_selfies"]["init_encoder"] == "runs/other"
+    assert "align_selfies" not in stage1_recipe(r, folders)

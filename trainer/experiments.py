@@ -189,6 +189,9 @@ def stage1_recipe(r: Recipe, folders: dict, aligned: bool = False) -> dict:
     if aligned:
         a = copy.deepcopy(r.align_selfies)
         a.setdefault("data", [f["train"] for f in folders.values()])
+        for k in ("init_encoder", "encoder", "llm"):  # align starts from this projector: same encoder and LLM
+            if k in align and k not in a:
+                a[k] = copy.deepcopy(align[k])
         rec.update(stages=["align_selfies", "align"], align_selfies=a)
     return rec
 
