@@ -43,10 +43,10 @@ def log(msg: str) -> None:
 
 
 def build_model(tok, layers: int, lora_r: int) -> MultimodalLM:
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from trainer.models.attention import register
+    from trainer.models.lora import add_lora
 
     register()
     torch.manual_seed(0)
@@ -55,7 +55,7 @@ def build_model(tok, layers: int, lora_r: int) -> MultimodalLM:
                       max_position_embeddings=8192, attn_implementation="sdpa")
     lm = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     lm.requires_grad_(False)
-    lm = get_peft_model(lm, LoraConfig(r=lora_r, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear"))
+    lm = add_lora(lm, r=lora_r, alpha=16, dropout=0.05, target_modules="all-linear")
     enc = HierarchicalEncoder(EncoderConfig())
     proj = GraphProjector(ProjectorConfig(in_dim=enc.out_dim, out_dim=576, kind="mlp2"))
     return MultimodalLM(lm, enc, proj, tok.convert_tokens_to_ids(GRAPH_TOKEN))

@@ -51,13 +51,19 @@ Definitions (per rank; the JSON reports the maximum over the 2 ranks):
                  target with 2 ranks: ZeRO-3 build peak <= 0.65 x model_fp32_mb (half the model, the
                  largest read piece and the Python / torch baseline). `zero3_rss_before_llm_mb_per_rank`
                  is that baseline (current RSS just before the LLM load: libraries, tokenizer, data) and
-                 `zero3_build_above_baseline_over_model_fp32` what the build adds to it. Measured (DeepSpeed
-                 0.19.8): peak 3,380 MB = 0.688 x 4,912 MB, baseline 612 MB, added 0.564 x: the LLM
-                 partition 2,357 MiB, the engine's buffers for the 49.9M trainable parameters (their
-                 partition, its fp32 master copy and the gradient partition, 95 MiB each; the reduction
-                 bucket) and ~100 MB of allocator and library growth. Whole at any moment of the build:
-                 one module's own parameters (zero.Init allocates them before partitioning; the largest an
-                 MLP projection, 64 MiB, or one 8,016-row vocabulary block) and one read piece. Before the placeholder-vocabulary
+                 `zero3_build_above_baseline_over_model_fp32` what the build adds to it.
+                 `zero3_build_floor_mb_per_rank`: what a rank must hold when the first step begins with
+                 DeepSpeed 0.19.8, whatever the loader: the baseline, its share of the model (trained tensors
+                 included) and the engine's two further buffers for its share of the trained tensors (fp32
+                 master copy, gradient partition). Measured (2026-12-07): peak 3,373 MB = 0.687 x 4,912 MB,
+                 floor 3,233 MB = 0.658 x (so the 0.65 target is below what DeepSpeed 0.19.8 allows here),
+                 baseline 587 MB, added 0.567 x: the LLM partition 2,357 MiB, the engine's buffers for the
+                 49.9M trainable parameters (their partition, its fp32 master copy and the gradient
+                 partition, 95 MiB each) and ~140 MB of library and allocator growth (45 MB of it
+                 torch._inductor, which DeepSpeed's optimizer check imports). Whole at any moment of the
+                 build: one module's own parameters (zero.Init allocates them before partitioning; the
+                 largest an MLP projection, 64 MiB, or one 8,016-row vocabulary block), one LoRA matrix
+                 (`trainer.models.lora.add_lora` creates them partitioned) and one read piece. Before the placeholder-vocabulary
                  build (the matrix allocated whole at construction, the untied head's and the replaced
                  matrix's partitions left in DeepSpeed's reference cycles): 3,999 MB (0.81 x).
   peak RSS       `resource.getrusage(RUSAGE_SELF).ru_maxrss` read after the steps: the process's peak
@@ -322,11 +328,11 @@ def worker(a) -> None:
     zero3 = stage == 3
 
     import deepspeed
-    from peft import LoraConfig, get_peft_model
     from graph.encoder import EncoderConfig, HierarchicalEncoder
     from trainer.dataset.collator import BatchPlan, Collator
     from trainer.dataset.instructions import InstructionDataset, PromptConfig
     from trainer.models.llm import GRAPH_TOKEN, SMOLLM2, load_llm, load_tokenizer
+    from trainer.models.lora import add_lora
     from trainer.models.multimodal_lm import MultimodalLM
     from trainer.models.projector import GraphProjector, ProjectorConfig
 
@@ -362,7 +368,7 @@ def worker(a) -> None:
     say(f"zero.Init: {zero_init}, local share {llm_partition_fraction:.3f}")
 
     torch.manual_seed(a.seed)
-    lm = get_peft_model(lm, LoraConfig(r=64, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear"))
+    lm = add_lora(lm, r=64, alpha=16, dropout=0.05, target_modules="all-linear")  # ZeRO-3: created partitioned
     torch.manual_seed(a.seed + 1)
     enc = HierarchicalEncoder(EncoderConfig())
     proj = GraphProjector(ProjectorConfig(in_dim=enc.out_dim, out_dim=shape["hidden_size"], kind="mlp2"))
@@ -678,6 +684,12 @@ def main(argv=None) -> dict:
     bound = 1 / r3["num_processes"] + r3["largest_gather"] / r3["params"]
     diff = adapter_diff(r2["export"], r3["export"])
     model_mb = r2["params"] * 4 / 2**20  # the whole multimodal model (LLM, LoRA, encoder, projector) in fp32
+    # what a ZeRO-3 rank must hold when the first step begins, whatever the loader: its baseline, its share of
+    # the model, and DeepSpeed's two further buffers for its share of the trained tensors (the fp32 master
+    # copy and the gradient partition; 0.19.8 never reuses the partition as master, see ds_configs/README.md)
+    world3 = r3["num_processes"]
+    floor_mb = (worst(3, "rss_before_llm_mb") + model_mb / world3
+                + 2 * r3["trainable_params"] * 4 / 2**20 / world3)
     # the same accounting as --shape llama-8b, here in fp32 on 2 ranks, against the measured peak
     expected = int(plan_bytes(param_counts(SHAPES[a.shape], vocab_chunks=a.vocab_chunks), r3["num_processes"],
                               param_bytes=4)["zero3"]["params"])
@@ -701,6 +713,8 @@ def main(argv=None) -> dict:
         "zero3_build_peak_rss_mb_per_rank": worst(3, "rss_after_prepare_mb"),
         "zero3_build_over_model_fp32": round(worst(3, "rss_after_prepare_mb") / model_mb, 4),
         "build_target": BUILD_TARGET, "meets_build_target": worst(3, "rss_after_prepare_mb") <= BUILD_TARGET * model_mb,
+        "zero3_build_floor_mb_per_rank": round(floor_mb, 1),
+        "zero3_build_floor_over_model_fp32": round(floor_mb / model_mb, 4),
         # what the build adds to the rank's baseline (interpreter, libraries, data), in model fp32 units
         "zero3_build_above_baseline_over_model_fp32": round(max(r["rss_after_prepare_mb"] - r["rss_before_llm_mb"]
                                                                 for r in runs[3]) / model_mb, 4),

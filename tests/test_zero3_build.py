@@ -1,7 +1,7 @@
 """The LLM built under ZeRO-3 (trainer.models.llm.build_zero3): partitioned from construction on and streamed
 from safetensors slice by slice, on 2 real ranks under `accelerate launch` + DeepSpeed ZeRO-3.
 
-This file is also the worker: `accelerate launch ... tests/test_zero3_build.py OUT.json MID TINY REMOTE`.
+This file is also the worker: `accelerate launch ... tests/test_zero3_build.py OUT.json MID TINY REMOTE SHORT`.
 """
 import json
 import os
@@ -16,6 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MID = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=16384,
            max_position_embeddings=1024, tie_word_embeddings=False)  # ~76M parameters, untied head, ~290 MB
 CHUNKS = 3  # vocabulary row blocks of the tiny (tied) model in the forward check
+TINY_LORA = dict(r=4, alpha=8, target_modules="all-linear")
 
 
 def _rss_mb():
@@ -114,6 +115,19 @@ def _remote_folder(tiny: str, out: str) -> str:
     return out
 
 
+def _short_vocab_folder(tiny: str, out: str) -> str:
+    """The tiny LLaMA with a config that names 5 fewer vocabulary rows than its weights hold."""
+    import shutil
+
+    shutil.copytree(tiny, out)
+    with open(os.path.join(out, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["vocab_size"] -= 5
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    return out
+
+
 def test_remote_code_class_resolved_only_when_trusted(tmp_path, monkeypatch):
     """The ZeRO-3 build imports a remote-code model's class before zero.Init (a class created inside it
     loses a decorator that replaced its __init__), and only with trust_remote_code."""
@@ -129,11 +143,15 @@ def test_remote_code_class_resolved_only_when_trusted(tmp_path, monkeypatch):
     assert _import_model_class(AutoConfig.from_pretrained(llm_path("tiny-random")), remote).__name__ == "LlamaForCausalLM"
 
 
-def worker(out, mid, tiny, remote):
+def worker(out, mid, tiny, remote, short):
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, InitProcessGroupKwargs, gather_object
 
+    import deepspeed
+    from safetensors.torch import save_file
+
     import trainer.models.llm as llm
+    from trainer.models.lora import add_lora
 
     acc = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
     world = acc.num_processes
@@ -151,7 +169,13 @@ def worker(out, mid, tiny, remote):
     growth = _peak_mb() - rss0
     rep = {"mid": _check(lm, mid, world), "mid_build_growth_mb": growth,
            "mid_bytes_mb": sum(p.ds_numel for p in lm.parameters()) * 4 / 2**20}
-    del lm
+    # LoRA on the partitioned model (trainer.models.lora): created partitioned, never whole on a rank
+    rss0 = _rss_mb()
+    lm = add_lora(lm, r=64, alpha=16, target_modules="all-linear")
+    lora = [p for n, p in lm.named_parameters() if ".lora_" in n]
+    rep["mid_lora"] = {"growth_mb": _rss_mb() - rss0, "bytes_mb": sum(p.ds_numel for p in lora) * 4 / 2**20,
+                       "count": len(lora), "share_ok": all(p.ds_tensor.numel() == -(-p.ds_numel // world) for p in lora)}
+    del lm, lora
     # vocabulary row blocks built partitioned in place of the matrices (MID's head is untied: two sets)
     _, lm = llm.load_llm(mid, vocab_chunks=5)
     rep["mid_chunked"] = _check(lm, mid, world)
@@ -159,8 +183,15 @@ def worker(out, mid, tiny, remote):
     del lm
     tok, lm = llm.load_llm(tiny, attn_implementation="eager", vocab_chunks=CHUNKS)
     rep["tiny"] = _check(lm, tiny, world)
-    lm.requires_grad_(True)  # a forward + backward through the DeepSpeed engine on the streamed weights
-    engine, _ = acc.prepare(lm, torch.optim.SGD(lm.parameters(), lr=0.0))
+    torch.manual_seed(0)  # the parent draws the same adapters on a whole model
+    lm = add_lora(lm, **TINY_LORA)
+    named = [(n, p) for n, p in lm.named_parameters() if p.requires_grad]
+    with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+        adapters = {n: p.detach().clone() for n, p in named}
+    if acc.is_main_process:
+        save_file(adapters, os.path.join(os.path.dirname(out), "tiny_lora.safetensors"))
+    # a forward + backward through the DeepSpeed engine on the streamed weights and partitioned adapters
+    engine, _ = acc.prepare(lm, torch.optim.SGD([p for _, p in named], lr=0.0))
     ids = torch.tensor([tok("CCO>>CC(=O)O", add_special_tokens=False)["input_ids"] * 3])
     loss = engine(input_ids=ids, labels=ids).loss
     engine.backward(loss)
@@ -171,6 +202,12 @@ def worker(out, mid, tiny, remote):
     rep["remote"] = _check(rlm, remote, world)
     rep["remote_class"] = type(rlm).__name__
     rep["remote_tagged_after"] = getattr(type(rlm)(rlm.config), "remote_tagged", False)
+    # a config whose vocabulary is not the stored one: refused, rows are never dropped silently
+    try:
+        llm.load_llm(short, attn_implementation="eager", vocab_chunks=CHUNKS)
+        rep["short_vocab_error"] = None
+    except ValueError as e:
+        rep["short_vocab_error"] = str(e)
     reports = gather_object([rep])
     if acc.is_main_process:
         with open(out, "w") as f:
@@ -191,7 +228,8 @@ def folders(tmp_path_factory):
     lm = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=len(tok) - 1, **MID), dtype=torch.float32)
     lm.save_pretrained(mid, max_shard_size="80MB")  # several shards and an index
     tok.save_pretrained(mid)
-    return mid, tiny, _remote_folder(tiny, str(tmp_path_factory.mktemp("remote") / "llama"))
+    return (mid, tiny, _remote_folder(tiny, str(tmp_path_factory.mktemp("remote") / "llama")),
+            _short_vocab_folder(tiny, str(tmp_path_factory.mktemp("short") / "llama")))
 
 
 @pytest.mark.slow
@@ -199,18 +237,20 @@ def test_zero3_build_streams_partitions(tmp_path, folders):
     """Each rank holds its share of every tensor from construction on (also vocabulary row blocks built in
     place of the matrices), the shares are exactly the file's weights, the build never grows a rank by more than ~its share (transformers' ZeRO-3 from_pretrained
     reads the whole state dict on rank 0: ~1.5x the model), and the loss equals the single-process one."""
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     from trainer.models.llm import load_tokenizer
+    from trainer.models.lora import add_lora
 
     from test_llm_stages import _zero3_config  # ds_configs/zero3.json with the persistence thresholds at 0
 
-    mid, tiny, remote = folders
+    mid, tiny, remote, short = folders
     out = tmp_path / "report.json"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            os.path.join(ROOT, "launch_configs", "accelerate", "cpu_2proc_zero3.yaml"),
            "--deepspeed_config_file", _zero3_config(tmp_path), "--main_process_port", str(_free_port()),
-           os.path.abspath(__file__), str(out), mid, tiny, remote]
+           os.path.abspath(__file__), str(out), mid, tiny, remote, short]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
     env.pop("ACCELERATE_USE_CPU", None)
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
@@ -221,8 +261,17 @@ def test_zero3_build_streams_partitions(tmp_path, folders):
     ids = torch.tensor([tok("CCO>>CC(=O)O", add_special_tokens=False)["input_ids"] * 3])
     with torch.no_grad():
         ref_loss = float(ref(input_ids=ids, labels=ids).loss)
+    # the partitioned adapters are the ones a one-process run draws with the same seed (A), B zero
+    torch.manual_seed(0)
+    whole = {n: p for n, p in add_lora(ref, **TINY_LORA).named_parameters() if p.requires_grad}
+    got = load_file(str(tmp_path / "tiny_lora.safetensors"))
+    assert got.keys() == whole.keys() and len(got) == 2 * 7 * ref.config.num_hidden_layers
+    for n, t in got.items():
+        assert torch.equal(t, whole[n].detach()), n
+        assert (t == 0).all() if ".lora_B." in n else t.abs().sum() > 0, n
     for rep in reports:
         assert rep["remote_class"] == "RemoteLlamaForCausalLM" and rep["remote_tagged_after"], rep
+        assert "row blocks cover" in (rep["short_vocab_error"] or ""), rep["short_vocab_error"]
         for which in ("mid", "mid_chunked", "tiny", "remote"):
             m = rep[which]
             assert m["share_ok"] and m["checked"] > 10 and m["max_diff"] == 0.0, (which, m)
@@ -232,6 +281,11 @@ def test_zero3_build_streams_partitions(tmp_path, folders):
         # whole copy (measured ~0.6x; transformers' ZeRO-3 from_pretrained: >= 1.5x on rank 0, the full
         # state dict next to the partitions)
         assert rep["mid_bytes_mb"] > 250 and rep["mid_build_growth_mb"] < rep["mid_bytes_mb"], rep
+        # LoRA r 64 on the mid model (~52 MB whole): a rank keeps its half, plus at most one adapter matrix
+        # whole while it is created (get_peft_model on the partitioned model: the whole set, >= 1.0x)
+        ml = rep["mid_lora"]
+        assert ml["share_ok"] and ml["count"] == 2 * 7 * MID["num_hidden_layers"] and ml["bytes_mb"] > 40, ml
+        assert ml["growth_mb"] < 0.75 * ml["bytes_mb"], ml
         assert rep["loss"] == pytest.approx(ref_loss, abs=1e-5)
 
 
@@ -245,4 +299,4 @@ def _free_port():
 
 if __name__ == "__main__":
     sys.path.insert(0, ROOT)
-    worker(*sys.argv[1:5])
+    worker(*sys.argv[1:6])

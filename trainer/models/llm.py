@@ -230,14 +230,14 @@ def build_zero3(path: str, dtype: torch.dtype, attn_implementation: str, trust_r
     if sizes:
         cfg.vocab_size, cfg.pad_token_id = 1, None  # the placeholder rows are replaced before use
     _import_model_class(cfg, path, trust_remote_code)
-    with _zero_init(dtype):
+    with zero_init(dtype):
         lm = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=attn_implementation,
                                               trust_remote_code=trust_remote_code)
     lm.tie_weights()
     sources = {}
     if sizes:
         lm.config.vocab_size, lm.config.pad_token_id = vocab, pad  # the loss reads the vocabulary size here
-        with _zero_init(dtype):
+        with zero_init(dtype):
             sources = partitioned_vocab(lm, sizes)
     load_partitions(lm, files, sources)
     # DeepSpeed's partitioned parameters hold closures over themselves (reference cycles): the replaced
@@ -247,8 +247,9 @@ def build_zero3(path: str, dtype: torch.dtype, attn_implementation: str, trust_r
 
 
 @contextlib.contextmanager
-def _zero_init(dtype: torch.dtype):
-    """deepspeed.zero.Init with transformers' guards: no random init, RoPE buffers keep their dtype, and
+def zero_init(dtype: torch.dtype | None, init_weights: bool = False):
+    """deepspeed.zero.Init with transformers' guards: no random init (unless `init_weights`: modules then
+    initialise themselves on rank 0, which zero.Init broadcasts), RoPE buffers keep their dtype, and
     set_zero3_state keeps from_config from opening a second zero.Init and from re-initialising every
     module gathered on rank 0. zero.Init(dtype=X) gives bf16 wherever fp16 is unsupported (DeepSpeed 0.19.8
     `_set_dtype`: `dtype or fp16 if fp16_supported else bf16`), e.g. on CPU: pass it only where it is
@@ -260,7 +261,7 @@ def _zero_init(dtype: torch.dtype):
     from transformers.modeling_utils import set_zero3_state
 
     honoured = get_accelerator().is_fp16_supported()
-    with no_init_weights(), prevent_arange_dtype_change(), \
+    with no_init_weights() if not init_weights else contextlib.nullcontext(), prevent_arange_dtype_change(), \
             deepspeed.zero.Init(config_dict_or_path=_ds_config(), dtype=dtype if honoured else None), set_zero3_state():
         yield
 
@@ -356,37 +357,44 @@ def load_partitions(lm, files: list[str], sources: dict | None = None) -> None:
     def key_of(name):
         return next((k for k in [name, *alias.get(name, [])] if k in where), None)
 
-    with torch.no_grad():
-        for name, p in lm.named_parameters():
-            stored, row0 = (sources or {}).get(name, (name, None))
-            key = key_of(stored)
+    # every check before the first read: a bad checkpoint fails in seconds, not after most of a 70B is read
+    params = []
+    for name, p in lm.named_parameters():
+        stored, row0 = (sources or {}).get(name, (name, None))
+        key = key_of(stored)
+        if key is None:
+            missing.append(stored)
+            continue
+        shape, want = shapes[key], tuple(p.ds_shape)
+        fits = shape == want if row0 is None else (shape[1:] == want[1:] and row0 + want[0] <= shape[0])
+        if not fits:
+            raise ValueError(f"{where[key]}: {key} has shape {shape}, the model expects {want}"
+                             + ("" if row0 is None else f" from row {row0}"))
+        if row0 is not None:
+            covered[key] = covered.get(key, 0) + want[0]
+        params.append((p, key, row0))
+    persistent = set(lm.state_dict())
+    buffers = []
+    for name, b in lm.named_buffers():
+        if name in persistent:
+            key = key_of(name)
             if key is None:
-                missing.append(stored)
-                continue
-            shape, want = shapes[key], tuple(p.ds_shape)
-            fits = shape == want if row0 is None else (shape[1:] == want[1:] and row0 + want[0] <= shape[0])
-            if not fits:
-                raise ValueError(f"{where[key]}: {key} has shape {shape}, the model expects {want}"
-                                 + ("" if row0 is None else f" from row {row0}"))
-            if row0 is not None:
-                covered[key] = covered.get(key, 0) + want[0]
-            offset = (row0 or 0) * _numel(shape[1:])  # a row block: its first element in the stored tensor
-            start, n, part = local_range(p)
-            lo, hi = min(start, p.ds_numel), min(start + n, p.ds_numel)
-            part.zero_()  # DeepSpeed pads the last rank's partition
-            if hi > lo:
-                _read_flat(where[key], key, offset + lo, offset + hi, part)
-        persistent = set(lm.state_dict())
-        for name, b in lm.named_buffers():
-            if name in persistent:
-                key = key_of(name)
-                if key is None:
-                    missing.append(name)
-                else:
-                    _read_flat(where[key], key, 0, b.numel(), b.view(-1))
+                missing.append(name)
+            else:
+                buffers.append((b, key))
     short = {k: (n, shapes[k][0]) for k, n in covered.items() if n != shapes[k][0]}
     if short:  # e.g. a config whose vocab_size is not the stored one: rows would be dropped silently
         raise ValueError(f"{os.path.dirname(files[0])}: the vocabulary row blocks cover (rows, stored rows) {short}")
     if missing:
         raise ValueError(f"{os.path.dirname(files[0])}: {len(missing)} tensors of the model are not in its "
                          f"safetensors files (first: {missing[:3]}); is it the checkpoint of this architecture?")
+    with torch.no_grad():
+        for p, key, row0 in params:
+            offset = (row0 or 0) * _numel(shapes[key][1:])  # a row block: its first element in the stored tensor
+            start, n, part = local_range(p)
+            lo, hi = min(start, p.ds_numel), min(start + n, p.ds_numel)
+            part.zero_()  # DeepSpeed pads the last rank's partition
+            if hi > lo:
+                _read_flat(where[key], key, offset + lo, offset + hi, part)
+        for b, key in buffers:
+            _read_flat(where[key], key, 0, b.numel(), b.view(-1))

@@ -207,12 +207,11 @@ def build_model(cfg: Config, run_dir: str, stage: str, tok, seed: int):
     if proj_dir:  # reduction and levels come from this stage's config; the weights from the folder
         init_projector(projector, GraphProjector.from_pretrained(proj_dir), f"{stage}.init_projector: {proj_dir}")
     if cfg.lora is not None:
-        from peft import LoraConfig, get_peft_model
+        from ..models.lora import add_lora  # under ZeRO-3 the adapters are created partitioned
 
         lc = cfg.lora
         targets = lc.target_modules[0] if lc.target_modules == ["all-linear"] else list(lc.target_modules)
-        lm = get_peft_model(lm, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=targets,
-                                           task_type="CAUSAL_LM"))
+        lm = add_lora(lm, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, target_modules=targets, task_type="CAUSAL_LM")
     model = MultimodalLM(lm, encoder if cfg.prompt.use_graph else None, projector if cfg.prompt.use_graph else None,
                          tok.convert_tokens_to_ids(GRAPH_TOKEN))
     if model.projector is not None:
