@@ -13,6 +13,9 @@ by InChIKey), and reports accuracy over yes/no and count questions (every evalua
   dynamic_with_alignment_graph_only_accuracy   the same after the align_selfies stage
   gates_per_question_type         the trained gates of the dynamic cells
   targets                         best static >= chance + 0.10; dynamic >= best static; aligned > dynamic
+  comparisons                     the same differences row by row with 95% intervals (trainer.stats: paired,
+                                  whole molecules resampled): `verdict` "inconclusive" when the interval
+                                  holds 0, i.e. the data cannot tell the two cells apart
 
 Targets are reported, not tuned for: the held-out molecules stay held out and chance is measured on them.
 `--quick` runs the same study on the tiny random LLaMA with a few steps (a pipeline check, ~5 min).
@@ -33,6 +36,34 @@ MARGIN = 0.10
 QUICK = ["llm.name=tiny-random", "encoder.num_layers=2", "encoder.hidden=32", "train.max_steps=3", "train.log_every=1"]
 
 
+def paired(out_dir: str, pairs: dict, scored_cell: str) -> dict:
+    """{name: trainer.stats.paired_difference} of two cells' per-row correctness on the same held-out rows
+    (each cell's preds.jsonl), resampling whole molecules. A pair is (cell a, cell b), skipped when one is
+    None; the cell "chance" is the best constant answer per question type on the targets of `scored_cell`.
+    Only yes/no and count rows, as `accuracy`."""
+    from trainer.evaluate import read_rows
+    from trainer.experiments import _slug
+    from trainer.metrics import grounding_correct
+    from trainer.stats import paired_difference
+
+    def correct(cell):
+        name = scored_cell if cell == "chance" else cell
+        targets, outputs, metas, _ = read_rows(os.path.join(out_dir, "cells", "grounding", _slug(name), "preds.jsonl"))
+        return targets, grounding_correct(targets, outputs, metas, chance=cell == "chance"), metas
+
+    out = {}
+    for key, (a, b) in pairs.items():
+        if a is None or b is None:
+            continue
+        (ta, ra, metas), (tb, rb, _) = correct(a), correct(b)
+        if ta != tb:
+            raise RuntimeError(f"cells {a} and {b} were scored on different held-out rows")
+        keep = [i for i, r in enumerate(ra) if r is not None]
+        mols = [(metas[i] or {}).get("inchikey", i) for i in keep]
+        out[key] = {"a": a, "b": b, **paired_difference([ra[i] for i in keep], [rb[i] for i in keep], mols)}
+    return out
+
+
 def summarise(results: list[dict], wall_s: float, out_dir: str) -> dict:
     """The benchmark's JSON from the experiment rows (one task: grounding)."""
     done = {x["cell"]: x for x in results if x["status"] == "done"}
@@ -47,12 +78,19 @@ def summarise(results: list[dict], wall_s: float, out_dir: str) -> dict:
     d = acc[dyn[0]] if dyn else None
     a = acc[aligned[0]] if aligned else None
     gates = {c: done[c].get("gates", {}).get("by_question_type") for c in dyn + aligned}
+    best_cell = max(static, key=static.get) if static else None
+    comparisons = paired(out_dir, {
+        "best_static_minus_chance": (best_cell, "chance"),
+        "best_static_minus_selfies_only": (best_cell, "selfies_only" if "selfies_only" in done else None),
+        "dynamic_minus_best_static": (dyn[0] if dyn else None, best_cell),
+        "aligned_minus_dynamic": (aligned[0] if aligned else None, dyn[0] if dyn else None),
+    }, next(iter(done))) if done else {}
     return {
         "chance_accuracy": chance,
         "selfies_only_accuracy": acc.get("selfies_only"),
         "graph_only_accuracy": static,
         "best_static_graph_only_accuracy": best,
-        "best_static_graph_only_cell": max(static, key=static.get) if static else None,
+        "best_static_graph_only_cell": best_cell,
         "dynamic_graph_only_accuracy": d,
         "dynamic_with_alignment_graph_only_accuracy": a,
         "held_out_rows": any_row.get("n_eval"),
@@ -66,6 +104,9 @@ def summarise(results: list[dict], wall_s: float, out_dir: str) -> dict:
             "dynamic_at_least_best_static": None if d is None or best is None else d >= best,
             "alignment_improves_dynamic": None if a is None or d is None else a > d,
         },
+        # accuracy differences with 95% intervals (paired, molecules resampled): a target met by a difference
+        # whose interval holds 0 (or, for the first, 0.10) is not shown by these data
+        "comparisons": comparisons,
         "failed_cells": [f"{x['cell']}: {x.get('error')}" for x in results if x["status"] != "done"],
         "wall_s": round(wall_s, 1), "results": os.path.join(out_dir, "results.md"),
     }

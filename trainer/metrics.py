@@ -619,17 +619,55 @@ def _parse_answer(kind: str, text):
     return parse_number(text)
 
 
-def _majority(values: list) -> int:
-    """Rows the best constant answer gets right: the count of the most common value."""
+def _most_common(values: list):
+    """The best constant answer for these targets: the most common value (the first seen on a tie)."""
     import collections
 
-    return max(collections.Counter(values).values()) if values else 0
+    return collections.Counter(values).most_common(1)[0][0] if values else None
+
+
+def _majority(values: list) -> int:
+    """Rows the best constant answer gets right: the count of the most common value."""
+    best = _most_common(values)
+    return sum(v == best for v in values) if values else 0
 
 
 def _median(values: list[float]) -> float:
     v = sorted(values)
     n = len(v)
     return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
+
+
+def _grounding_rows(targets: Sequence, outputs: Sequence, metadata: Sequence | None) -> list[tuple]:
+    """(answer kind, question type, target value, prediction value) per row, values parsed (None: unparseable)."""
+    if len(targets) != len(outputs):
+        raise ValueError(f"{len(targets)} targets but {len(outputs)} outputs")
+    if not targets:
+        raise ValueError("no rows")
+    metas = list(metadata) if metadata is not None else [None] * len(targets)
+    rows = []
+    for t, o, m in zip(targets, outputs, metas):
+        m = m if isinstance(m, dict) else {}
+        kind = answer_kind(t, m)
+        rows.append((kind, str(m.get("question_type") or kind), _parse_answer(kind, t), _parse_answer(kind, o)))
+    return rows
+
+
+def _right(row: tuple) -> bool:
+    return row[2] is not None and row[2] == row[3]
+
+
+def grounding_correct(targets: Sequence, outputs: Sequence, metadata: Sequence | None = None,
+                      chance: bool = False) -> list[bool | None]:
+    """Per row, whether the answer is right: the rows `accuracy` averages (yes/no and count; None for
+    number rows). `chance=True`: whether the best constant answer of the row's question type is right
+    (the rows `chance_accuracy` averages). For paired comparisons of cells (trainer.stats)."""
+    rows = _grounding_rows(targets, outputs, metadata)
+    if chance:
+        types = {qt for kind, qt, _, _ in rows if kind != "number"}
+        best = {qt: _most_common([tv for _, q, tv, _ in rows if q == qt and tv is not None]) for qt in types}
+        rows = [(kind, qt, tv, best.get(qt)) for kind, qt, tv, _ in rows]
+    return [None if r[0] == "number" else _right(r) for r in rows]
 
 
 def grounding_metrics(targets: Sequence, outputs: Sequence, metadata: Sequence | None = None) -> dict:
@@ -639,20 +677,10 @@ def grounding_metrics(targets: Sequence, outputs: Sequence, metadata: Sequence |
     question type on these same targets (its majority share, row-weighted over types); for numbers, the
     median target of the type. MAE (and its chance) is over the number rows whose prediction parses.
     """
-    if len(targets) != len(outputs):
-        raise ValueError(f"{len(targets)} targets but {len(outputs)} outputs")
-    if not targets:
-        raise ValueError("no rows")
-    metas = list(metadata) if metadata is not None else [None] * len(targets)
-    rows = []  # (kind, question type, target value, prediction value)
-    for t, o, m in zip(targets, outputs, metas):
-        m = m if isinstance(m, dict) else {}
-        kind = answer_kind(t, m)
-        qt = m.get("question_type") or kind
-        rows.append((kind, str(qt), _parse_answer(kind, t), _parse_answer(kind, o)))
+    rows = _grounding_rows(targets, outputs, metadata)
 
     def acc(sel):
-        return sum(tv is not None and tv == pv for _, _, tv, pv in sel) / len(sel) if sel else None
+        return sum(_right(r) for r in sel) / len(sel) if sel else None
 
     def chance(sel):  # majority share per question type, row-weighted
         if not sel:
