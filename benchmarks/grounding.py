@@ -46,9 +46,13 @@ def paired(out_dir: str, pairs: dict, scored_cell: str) -> dict:
     from trainer.metrics import grounding_correct
     from trainer.stats import paired_difference
 
+    read = {}  # cell -> its rows, each predictions file read once
+
     def correct(cell):
         name = scored_cell if cell == "chance" else cell
-        targets, outputs, metas, _ = read_rows(os.path.join(out_dir, "cells", "grounding", _slug(name), "preds.jsonl"))
+        if name not in read:
+            read[name] = read_rows(os.path.join(out_dir, "cells", "grounding", _slug(name), "preds.jsonl"))[:3]
+        targets, outputs, metas = read[name]
         return targets, grounding_correct(targets, outputs, metas, chance=cell == "chance"), metas
 
     out = {}
