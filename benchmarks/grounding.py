@@ -46,14 +46,14 @@ def paired(out_dir: str, pairs: dict, scored_cell: str) -> dict:
     from trainer.metrics import grounding_correct
     from trainer.stats import paired_difference
 
-    read = {}  # cell -> its rows, each predictions file read once
+    scored = {}  # cell -> (targets, per-row correctness, metadata): each cell read and scored once
 
     def correct(cell):
-        name = scored_cell if cell == "chance" else cell
-        if name not in read:
-            read[name] = read_rows(os.path.join(out_dir, "cells", "grounding", _slug(name), "preds.jsonl"))[:3]
-        targets, outputs, metas = read[name]
-        return targets, grounding_correct(targets, outputs, metas, chance=cell == "chance"), metas
+        if cell not in scored:
+            name = scored_cell if cell == "chance" else cell
+            targets, outputs, metas, _ = read_rows(os.path.join(out_dir, "cells", "grounding", _slug(name), "preds.jsonl"))
+            scored[cell] = targets, grounding_correct(targets, outputs, metas, chance=cell == "chance"), metas
+        return scored[cell]
 
     out = {}
     for key, (a, b) in pairs.items():

@@ -626,12 +626,6 @@ def _most_common(values: list):
     return collections.Counter(values).most_common(1)[0][0] if values else None
 
 
-def _majority(values: list) -> int:
-    """Rows the best constant answer gets right: the count of the most common value."""
-    best = _most_common(values)
-    return sum(v == best for v in values) if values else 0
-
-
 def _median(values: list[float]) -> float:
     v = sorted(values)
     n = len(v)
@@ -657,6 +651,14 @@ def _right(row: tuple) -> bool:
     return row[2] is not None and row[2] == row[3]
 
 
+def _chance_rows(rows: list[tuple]) -> list[tuple]:
+    """The rows with each yes/no or count prediction replaced by the best constant answer of its question type
+    (the most common parsed target of the type among these rows)."""
+    types = {qt for kind, qt, _, _ in rows if kind != "number"}
+    best = {qt: _most_common([tv for _, q, tv, _ in rows if q == qt and tv is not None]) for qt in types}
+    return [(kind, qt, tv, best.get(qt)) for kind, qt, tv, _ in rows]
+
+
 def grounding_correct(targets: Sequence, outputs: Sequence, metadata: Sequence | None = None,
                       chance: bool = False) -> list[bool | None]:
     """Per row, whether the answer is right: the rows `accuracy` averages (yes/no and count; None for
@@ -664,9 +666,7 @@ def grounding_correct(targets: Sequence, outputs: Sequence, metadata: Sequence |
     (the rows `chance_accuracy` averages). For paired comparisons of cells (trainer.stats)."""
     rows = _grounding_rows(targets, outputs, metadata)
     if chance:
-        types = {qt for kind, qt, _, _ in rows if kind != "number"}
-        best = {qt: _most_common([tv for _, q, tv, _ in rows if q == qt and tv is not None]) for qt in types}
-        rows = [(kind, qt, tv, best.get(qt)) for kind, qt, tv, _ in rows]
+        rows = _chance_rows(rows)
     return [None if r[0] == "number" else _right(r) for r in rows]
 
 
@@ -682,11 +682,8 @@ def grounding_metrics(targets: Sequence, outputs: Sequence, metadata: Sequence |
     def acc(sel):
         return sum(_right(r) for r in sel) / len(sel) if sel else None
 
-    def chance(sel):  # majority share per question type, row-weighted
-        if not sel:
-            return None
-        types = {qt for _, qt, _, _ in sel}
-        return sum(_majority([tv for _, q, tv, _ in sel if q == qt and tv is not None]) for qt in types) / len(sel)
+    def chance(sel):  # majority share per question type, row-weighted (a type's rows are all of one kind)
+        return acc(_chance_rows(sel))
 
     def number_maes(sel):
         """(MAE, chance MAE) over the rows whose target and prediction parse; the chance answer is the
