@@ -10,7 +10,7 @@ import torch
 from conftest import DATA, cli
 from graph.encoder import EncoderConfig, HierarchicalEncoder
 from trainer.dataset.collator import Collator
-from trainer.generate import generate
+from trainer.generate import generate, shared_prefix
 from trainer.dataset.instructions import InstructionDataset
 from trainer.models.llm import GRAPH_TOKEN, load_llm
 from trainer.models.multimodal_lm import MultimodalLM
@@ -38,6 +38,19 @@ def setup(tmp_path_factory, ray_local):
             "prompt": dataclasses.asdict(PromptConfig()), "projector": {}, "lora": None}
     export = save_export(model, tok, str(tmp / "export"), meta, Accelerator(cpu=True))
     return tok, model, InstructionDataset(folder, tok), export, folder
+
+
+def _loud(model, seed: int):
+    """A copy whose LLM weights are drawn large: the tiny random model answers "\n" to everything, this one
+    gives each row its own answer, so equal answers mean something."""
+    import copy
+
+    loud = copy.deepcopy(model)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in loud.llm.parameters():
+            p.normal_(0, 0.5)
+    return loud
 
 
 def _argmax_decode(model, tok, item, n):
@@ -70,6 +83,30 @@ def test_greedy_batch_equals_stepwise_argmax_and_beam_one(setup):
     finally:
         model._base().set_attn_implementation("sdpa")
         model.eval()
+
+
+def test_shared_prefix_stops_short_of_the_last_token_and_graph_placeholders():
+    rows = [torch.tensor(x) for x in ([1, 2, 3, 4], [1, 2, 3, 6, 7], [1, 2, 3])]
+    assert shared_prefix(rows, stop=99) == 2  # the shortest row keeps its last token for the first logits
+    assert shared_prefix(rows, stop=2) == 1  # a graph placeholder is never cached: its embedding is per row
+    assert shared_prefix(rows + [torch.tensor([5, 2, 3, 4])], stop=99) == 0
+    assert shared_prefix([torch.tensor([1, 2, 9, 4]), torch.tensor([1, 2, 3, 4])], stop=99) == 2
+
+
+def test_shared_prefix_run_once_gives_the_answers_of_a_full_prefill(setup):
+    """Greedy rows share the chat template's system turn: it runs once and each row continues from a copy of
+    its KV cache, laid out [prefix | padding | rest]. The answers equal a full left-padded prefill of each row
+    and a step-by-step argmax decode, on weights drawn large so that answers differ from row to row."""
+    tok, model, ds, _, _ = setup
+    items = [ds[k] for k in (0, 3, 7, 9)]
+    prompts = [torch.as_tensor(it["input_ids"][: it["num_prompt"]]) for it in items]
+    pre = shared_prefix(prompts, model.graph_token_id)
+    assert 0 < pre < min(len(p) for p in prompts) and len({len(p) for p in prompts}) > 1
+    loud = _loud(model, seed=1)
+    cached = generate(loud, tok, items, max_new_tokens=10)
+    assert len(set(cached)) == len(items) and all(cached)
+    assert cached == generate(loud, tok, items, max_new_tokens=10, prefix_cache=False)
+    assert cached == [_argmax_decode(loud, tok, it, 10) for it in items]
 
 
 def test_cli_writes_ordered_predictions_that_evaluate_reads(setup, tmp_path):
@@ -130,4 +167,46 @@ def test_two_processes_split_rows_and_gather_them_in_order(setup, tmp_path):
     a = [json.loads(line) for line in open(tmp_path / "one.jsonl")]
     b = [json.loads(line) for line in open(tmp_path / "two.jsonl")]
     assert [x["row"] for x in b] == [x["row"] for x in a] == ds.row_ids.tolist()[:7]
+    assert [x["prediction"] for x in b] == [x["prediction"] for x in a]
+
+
+@pytest.mark.slow
+def test_zero3_ranks_generate_from_partitions_with_the_answers_of_one_whole_model(setup, tmp_path):
+    """`accelerate launch` under DeepSpeed ZeRO-3 on 2 CPU ranks: each rank builds half of every LLM tensor
+    from the export's safetensors (no rank holds the model whole), uneven slices (7 rows in batches of 3:
+    4 rows in 2 batches, 3 rows in 1 batch run again for the lockstep, its answers dropped), and the answers
+    equal one process with the whole model. Weights drawn large, so answers differ from row to row."""
+    import subprocess
+    import sys
+
+    from accelerate import Accelerator
+
+    from conftest import ROOT
+    from test_llm_stages import _zero3_config
+    from trainer.models.export import save_export
+
+    tok, model, ds, _, folder = setup
+    loud = _loud(model, seed=2)
+    llm_dir = tmp_path / "loud_llm"  # the export names its base LLM by folder, read back from these files
+    loud.llm.save_pretrained(llm_dir)
+    tok.save_pretrained(llm_dir)
+    meta = {"llm": str(llm_dir), "attn_implementation": "sdpa", "stage": "align", "prompt": {}, "projector": {}, "lora": None}
+    export = save_export(loud, tok, str(tmp_path / "export"), meta, Accelerator(cpu=True))
+    args = ["-m", "trainer.generate", "--model", export, "--data", folder, "--batch-size", "3", "--max-new-tokens", "8",
+            "--limit", "7"]
+    one = cli(*args[1:], "--out", str(tmp_path / "one.jsonl"), timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert json.loads(one.stdout.strip().splitlines()[-1])["model_on_each_rank"] == "whole"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           os.path.join(ROOT, "launch_configs", "accelerate", "cpu_2proc_zero3.yaml"),
+           "--deepspeed_config_file", _zero3_config(tmp_path), *args, "--out", str(tmp_path / "two.jsonl")]
+    two = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert two.returncode == 0, "\n".join(l for l in two.stderr.splitlines() if "Error" in l or "error" in l)[-3000:]
+    summary = json.loads(two.stdout.strip().splitlines()[-1])
+    assert summary["num_processes"] == 2 and summary["model_on_each_rank"] == "zero3_partition"
+    assert 0.5 <= summary["llm_share_per_rank"] < 0.51  # half of every tensor (rounded up), on each rank
+    a = [json.loads(line) for line in open(tmp_path / "one.jsonl")]
+    b = [json.loads(line) for line in open(tmp_path / "two.jsonl")]
+    assert [x["row"] for x in b] == [x["row"] for x in a] == ds.row_ids.tolist()[:7]
+    assert len({x["prediction"] for x in a}) > 3
     assert [x["prediction"] for x in b] == [x["prediction"] for x in a]

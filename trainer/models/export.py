@@ -130,8 +130,28 @@ def zero3_inference_engine(model, accelerator):
         # out_proj weight, without calling those children; under this engine they came out ungathered
         # (DeepSpeed 0.19.8), so both (small) are gathered whole at their forward
         set_z3_leaf_modules(model, [HierarchicalEncoder, GraphProjector])
-    config = {k: v for k, v in accelerator.deepspeed_config.items() if k not in ("optimizer", "scheduler")}
+    config = {k: v for k, v in _inference_config(accelerator).items() if k not in ("optimizer", "scheduler")}
     return deepspeed.initialize(model=model, config=config)[0]
+
+
+def _inference_config(accelerator) -> dict:
+    """The run's DeepSpeed config: Accelerate's filled-in copy once `prepare` ran, else the launch file's with
+    its "auto" entries resolved for inference (one sample per rank, no accumulation, the run's precision)."""
+    import copy
+
+    if getattr(accelerator, "deepspeed_config", None):
+        return accelerator.deepspeed_config
+    cfg = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    fill = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0}
+    cfg.update({k: v for k, v in fill.items() if cfg.get(k, "auto") == "auto"})
+    cfg["train_batch_size"] = cfg["train_micro_batch_size_per_gpu"] * cfg["gradient_accumulation_steps"] * accelerator.num_processes
+    for prec in ("bf16", "fp16"):
+        if cfg.get(prec, {}).get("enabled") == "auto":
+            cfg[prec]["enabled"] = accelerator.mixed_precision == prec
+    left = [k for k, v in cfg.items() if v == "auto"]
+    if left:
+        raise ValueError(f"DeepSpeed config entries left at 'auto' for inference: {left}; set them in the config file")
+    return cfg
 
 
 def _load_export(folder: str, attn_implementation: str | None, dtype: torch.dtype, zero3: bool = False):
