@@ -37,9 +37,9 @@ def prefill_tokens(prompt_lengths: list[int], batches: list[list[int]], shared: 
 
 
 def compare(model, tok, ds, rows: list[int], batch_size: int, max_new_tokens: int) -> dict:
-    from trainer.generate import generate, predict, shared_prefix
+    from trainer.generate import batch_order, generate, predict, shared_prefix
 
-    prompts = [torch.as_tensor(ds[k]["input_ids"][: ds[k]["num_prompt"]]) for k in rows]
+    prompts = [torch.as_tensor(ds.ids[k][: ds.num_prompt[k]]) for k in rows]
     lengths = {k: len(p) for k, p in zip(rows, prompts)}
     plain_batches = [rows[s:s + batch_size] for s in range(0, len(rows), batch_size)]
     for cache in (False, True):  # warm-up: first-call costs (kernel choice, allocator) out of both timings
@@ -51,7 +51,7 @@ def compare(model, tok, ds, rows: list[int], batch_size: int, max_new_tokens: in
     t0 = time.perf_counter()
     now = [r["prediction"] for r in predict(model, tok, ds, rows, batch_size, max_new_tokens=max_new_tokens)]
     now_s = time.perf_counter() - t0
-    order = sorted(rows, key=lambda k: lengths[k])  # predict's batches
+    order = batch_order(ds, rows)  # predict's batches
     now_batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
     by_row = dict(zip(rows, prompts))
     shared = [shared_prefix([by_row[k] for k in b], model.graph_token_id) if len(b) > 1 else 0 for b in now_batches]

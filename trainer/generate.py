@@ -101,16 +101,21 @@ def to_smiles(answer: str) -> str | None:
     return Chem.MolToSmiles(mol) if mol is not None and mol.GetNumAtoms() else None
 
 
+def batch_order(dataset, rows: list[int]) -> list[int]:
+    """The rows by prompt length: consecutive batches of them need little padding."""
+    size = getattr(dataset, "num_prompt", dataset.lengths)
+    return sorted(rows, key=lambda k: size[k])
+
+
 def predict(model, tok, dataset, rows: list[int], batch_size: int, min_batches: int = 0, **kw) -> list[dict]:
-    """Predictions for dataset rows, in `rows` order. Batches hold rows of similar prompt length (less padding).
+    """Predictions for dataset rows, in `rows` order, batched in `batch_order`.
     `min_batches`: generate at least this many batches (ZeRO-3: as many as the rank with the most rows), the
     last one repeated, its repeats' answers dropped."""
     from tqdm import tqdm
 
     from .dataset.instructions import metadata_dict
 
-    size = getattr(dataset, "num_prompt", dataset.lengths)
-    order = sorted(rows, key=lambda k: size[k])
+    order = batch_order(dataset, rows)
     batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
     batches += [batches[-1] if batches else [0]] * max(0, min_batches - len(batches))
     done = {}
