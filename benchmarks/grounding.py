@@ -68,7 +68,7 @@ def paired(out_dir: str, pairs: dict, scored_cell: str) -> dict:
     return out
 
 
-def summarise(results: list[dict], wall_s: float, out_dir: str) -> dict:
+def summarise(results: list[dict], wall_s: float, out_dir: str, precision: str = "no") -> dict:
     """The benchmark's JSON from the experiment rows (one task: grounding)."""
     done = {x["cell"]: x for x in results if x["status"] == "done"}
     acc = {c: x["metrics"].get("accuracy") for c, x in done.items()}
@@ -112,12 +112,13 @@ def summarise(results: list[dict], wall_s: float, out_dir: str) -> dict:
         # whose interval holds 0 (or, for the first, 0.10) is not shown by these data
         "comparisons": comparisons,
         "failed_cells": [f"{x['cell']}: {x.get('error')}" for x in results if x["status"] != "done"],
-        "wall_s": round(wall_s, 1), "results": os.path.join(out_dir, "results.md"),
+        "mixed_precision": precision, "wall_s": round(wall_s, 1), "results": os.path.join(out_dir, "results.md"),
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     from trainer.experiments import _read_json, _slug, cells, load_recipe, run
+    from trainer.run import resolve_precision
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.grounding", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny random LLaMA, a few steps: a pipeline check")
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = run(recipe)
     results = [x for c in cells(recipe.grid)
                if (x := _read_json(os.path.join(summary["out_dir"], "cells", "grounding", _slug(c["name"]), "result.json")))]
-    out = summarise(results, time.time() - t0, summary["out_dir"])
+    out = summarise(results, time.time() - t0, summary["out_dir"], resolve_precision(recipe.mixed_precision))
     print(json.dumps(out))
     return 0
 

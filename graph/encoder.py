@@ -152,11 +152,13 @@ class _SpMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, a_t, x):
         ctx.a_t = a_t
-        return a @ x
+        with torch.autocast(a.device.type, enabled=False):  # no bf16 sparse kernel on CPU (MKL); sums stay fp32
+            return a @ x
 
     @staticmethod
     def backward(ctx, grad):
-        return None, None, ctx.a_t @ grad
+        with torch.autocast(grad.device.type, enabled=False):  # (a backward called inside an autocast block)
+            return None, None, ctx.a_t @ grad.to(ctx.a_t.dtype)
 
 
 def _csr(rows: torch.Tensor, cols: torch.Tensor, shape: tuple, dtype: torch.dtype) -> torch.Tensor:

@@ -223,6 +223,7 @@ def test_bad_recipes_fail_before_compute(tmp_path, data):
              ("lora.projector.levels=[atom]", "lora.projector.levels"), ("lora.lora.r=0", "lora.lora"),
              ("align.llm.vocab_chunks=-1", "align.llm.vocab_chunks"),
              ("lora.llm.attn_implementation=flashy", "lora.llm.attn_implementation"),
+             ("mixed_precision=fp8", "mixed_precision"),
              ("lora.prompt.use_graph=false", None)]
     for override, named in cases:
         if named is None:  # a valid override changes only its own section (YAML aliases are not shared)

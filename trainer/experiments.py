@@ -95,7 +95,7 @@ class Recipe:
     data: dict = field(default_factory=dict)
     launch: str | None = None  # accelerate config for every training run; null: one plain process
     log_with: str = "none"
-    mixed_precision: str = "no"  # bf16 on GPUs
+    mixed_precision: str = "no"  # no | bf16 | fp16 | auto (trainer.run.resolve_precision), training and generation
     grid: Grid = field(default_factory=Grid)
     eval: EvalSettings = field(default_factory=EvalSettings)
     align: dict = field(default_factory=dict)  # stage 1 section (trainer/stages/align.py); data defaults below
@@ -306,13 +306,16 @@ def train_run(recipe: dict, folder: str, launch: str | None) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def evaluate_cell(task: str, export: str, test: str, folder: str, ev: EvalSettings) -> tuple[dict, int]:
-    """Generate answers for the held-out rows (`python -m trainer.generate`) and score every row."""
+def evaluate_cell(task: str, export: str, test: str, folder: str, ev: EvalSettings,
+                  mixed_precision: str = "no") -> tuple[dict, int]:
+    """Generate answers for the held-out rows (`python -m trainer.generate`, in the cell's training precision)
+    and score every row."""
     from .evaluate import compute, read_rows
 
     preds = os.path.join(folder, "preds.jsonl")
     cmd = [*_launcher(ev.launch), "-m", "trainer.generate", "--model", export, "--data", test, "--out", preds,
-           "--batch-size", str(ev.batch_size), "--max-new-tokens", str(ev.max_new_tokens), "--num-beams", str(ev.num_beams)]
+           "--batch-size", str(ev.batch_size), "--max-new-tokens", str(ev.max_new_tokens), "--num-beams", str(ev.num_beams),
+           "--mixed-precision", mixed_precision]
     cmd += ["--limit", str(ev.limit)] if ev.limit is not None else []
     with open(os.path.join(folder, "generate.log"), "w") as log:
         p = run_child(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
@@ -331,7 +334,7 @@ def run_cell(r: Recipe, task: str, cell: dict, recipe: dict, test: str, key: str
     try:
         summary = train_run(recipe, folder, r.launch)["stages"]["lora"]
         t1 = time.time()
-        metrics, n = evaluate_cell(task, summary["export"], test, folder, r.eval)
+        metrics, n = evaluate_cell(task, summary["export"], test, folder, r.eval, r.mixed_precision)
         result = {**base, "status": "done", "steps": summary["steps"], "train_loss": summary.get("loss"),
                   "samples": summary.get("samples"), "n_eval": n, "train_s": round(t1 - t0, 1),
                   "eval_s": round(time.time() - t1, 1), "metrics": metrics}

@@ -24,6 +24,8 @@ import sys
 
 import torch
 
+from .run import PRECISIONS, resolve_precision
+
 
 @torch.no_grad()
 def generate(model, tok, items: list[dict], max_new_tokens: int = 128, num_beams: int = 1,
@@ -168,6 +170,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--num-beams", type=int, default=1)
     p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--mixed-precision", choices=PRECISIONS, default=os.environ.get("ACCELERATE_MIXED_PRECISION", "no"),
+                   help="autocast as in training (auto: bf16 where the hardware has native bf16 matmuls); "
+                        "default: accelerate launch's --mixed_precision, else no")
     a = p.parse_args(argv)
     from .models.export import resolve
 
@@ -194,7 +199,10 @@ def main(argv=None) -> int:
     rows = list(range(len(ds) if a.limit is None else min(a.limit, len(ds))))
     # partitioned: every forward is a collective, so each rank runs as many batches as the rank with most rows
     most = -(-len(rows) // state.num_processes)
-    with state.split_between_processes(rows) as mine:  # contiguous slices, in rank order
+    precision = resolve_precision(a.mixed_precision)
+    autocast = torch.autocast(state.device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16,
+                              enabled=precision != "no")
+    with state.split_between_processes(rows) as mine, autocast:  # contiguous slices, in rank order
         preds = predict(model, tok, ds, list(mine), a.batch_size, min_batches=-(-most // a.batch_size) if partitioned else 0,
                         max_new_tokens=a.max_new_tokens, num_beams=a.num_beams)
     if partitioned:
@@ -210,7 +218,7 @@ def main(argv=None) -> int:
                 w.writerows([[r["input"], r["target"], r["prediction"]] for r in preds])
         print(json.dumps({"predictions": len(preds), "skipped_longer_than_max_length": len(ds.rejects), "out": a.out,
                           "model": model_dir, "num_processes": state.num_processes,
-                          "model_on_each_rank": "zero3_partition" if partitioned else "whole",
+                          "mixed_precision": precision, "model_on_each_rank": "zero3_partition" if partitioned else "whole",
                           "llm_share_per_rank": round(share, 4)}))
     return 0
 
