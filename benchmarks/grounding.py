@@ -16,6 +16,8 @@ by InChIKey), and reports accuracy over yes/no and count questions (every evalua
   comparisons                     the same differences row by row with 95% intervals (trainer.stats: paired,
                                   whole molecules resampled): `verdict` "inconclusive" when the interval
                                   holds 0, i.e. the data cannot tell the two cells apart
+  mixed_precision                 what the cells trained and scored in (the recipe's `auto`: bf16 autocast
+                                  where the hardware has native bf16 matmuls, else fp32)
 
 Targets are reported, not tuned for: the held-out molecules stay held out and chance is measured on them.
 `--quick` runs the same study on the tiny random LLaMA with a few steps (a pipeline check, ~5 min).
