@@ -24,7 +24,7 @@ import sys
 
 import torch
 
-from .run import PRECISIONS, resolve_precision
+from .run import PRECISIONS, launch_env, resolve_precision
 
 
 @torch.no_grad()
@@ -143,8 +143,8 @@ def process_state():
     from accelerate import Accelerator, PartialState
     from accelerate.utils import InitProcessGroupKwargs
 
-    cpu_ranks = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+    deepspeed, cpu_ranks = launch_env()
+    if deepspeed:
         return Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if cpu_ranks else [])
     if cpu_ranks:
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")

@@ -62,6 +62,14 @@ def run_config(data: dict, source: str = "recipe") -> RunConfig:
 PRECISIONS = ("no", "bf16", "fp16", "auto")
 
 
+def launch_env() -> tuple[bool, bool]:
+    """(launched for DeepSpeed, several ranks without a GPU), read from what `accelerate launch` sets."""
+    import torch
+
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    return deepspeed, not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def resolve_precision(value: str) -> str:
     """Accelerate's mixed_precision for `value`; "auto" is bf16 autocast where the matmuls have native bf16
     kernels (a bf16 GPU; a CPU with AVX512-BF16 / AMX or ARM BF16, ~1.8x faster LLM steps than fp32 on 2 Zen 4
@@ -72,21 +80,20 @@ def resolve_precision(value: str) -> str:
         return value
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "no"
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+    if launch_env()[0]:
         return "no"
     return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no"
 
 
 def make_accelerator(cfg: RunConfig):
-    import torch
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs
 
     # Without a GPU the process group must be gloo, or accelerate counts one process while the
     # launcher started several (see shared notes on CPU-distributed training).
     handlers = []
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    deepspeed, cpu_ranks = launch_env()
+    if cpu_ranks:
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
         # `accelerate launch` with a MULTI_GPU config file does not pass use_cpu on to the ranks; without
         # it every rank trains alone (DistributedType.NO, no gradient sync) while looking parallel. With
