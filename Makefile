@@ -42,6 +42,8 @@ bench: setup
 	$(PY) -m benchmarks.encoder
 	$(PY) -m benchmarks.collator
 	$(PY) -m benchmarks.train_step
+	$(PY) -m benchmarks.generate
+	$(PY) -m benchmarks.mixed_precision
 	$(PY) -m benchmarks.zero_memory
 	$(PY) -m benchmarks.grounding
 	$(PY) -m benchmarks.gpu_check

@@ -18,6 +18,7 @@ alike. Last stdout line: one JSON object.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -65,19 +66,21 @@ def set_attention(model: MultimodalLM, impl: str) -> None:
     model._base().set_attn_implementation(impl)
 
 
-def run_mode(model, opt, batches: list[dict]) -> tuple[float, int, float]:
-    """(seconds, real tokens, mean loss) for forward + backward + optimizer step over `batches`."""
+def run_mode(model, opt, batches: list[dict], forward_ctx=contextlib.nullcontext) -> tuple[float, int, list[float]]:
+    """(seconds, real tokens, losses) for forward + backward + optimizer step over `batches`; the forward runs
+    in `forward_ctx()` (an autocast, as Accelerate wraps it)."""
     model.train()
     t0, tokens, losses = time.perf_counter(), 0, []
     for b in batches:
-        out = model(b)
+        with forward_ctx():
+            out = model(b)
         loss = out.loss_sum / out.num_tokens
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         tokens += b["real_tokens"]
         losses.append(loss.item())
-    return time.perf_counter() - t0, tokens, float(np.mean(losses))
+    return time.perf_counter() - t0, tokens, losses
 
 
 @torch.no_grad()
@@ -143,7 +146,7 @@ def main(argv=None) -> dict:
             s, n, loss = run_mode(model, opt, data[m])
             totals[m][0] += s
             totals[m][1] += n
-            log(f"round {r}: {m:12s} {n / s:8.1f} tokens/s ({s:.1f} s, loss {loss:.3f})")
+            log(f"round {r}: {m:12s} {n / s:8.1f} tokens/s ({s:.1f} s, loss {np.mean(loss):.3f})")
     tps = {m: n / s for m, (s, n) in totals.items()}
     eff = {m: sum(b["real_tokens"] for b in data[m]) / sum(b["input_ids"].numel() for b in data[m]) for m in modes}
     first_multi = next(b for b in plan_batches(sub_len, "packed", 0, 0, budget=a.budget) if len(b) > 1)
