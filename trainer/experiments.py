@@ -539,10 +539,15 @@ def grounding_folders(out: str, sources: list[str] | None = None, **kw) -> dict:
 def scale_line(r: Recipe, stage1: dict, folders: dict) -> str:
     lora = r.lora
     t, b = lora.get("train", {}), lora.get("batching", {})
+    precision = r.mixed_precision
+    if precision == "auto" and not r.launch:  # resolved as the one-process runs resolve it
+        from .run import resolve_precision
+
+        precision = f"auto: {resolve_precision('auto')}"
     return (f"Scale: LLM `{lora.get('llm', {}).get('name', 'smollm2-135m')}`; stage 1 {stage1.get('steps')} steps; "
             f"stage 2 per cell {t.get('max_steps', 300)} steps x {t.get('grad_accum', 1)} micro-batches of "
             f"{b.get('rows', 1)} packed row(s) x {b.get('budget', 2048)} tokens per process, lr {t.get('lr', 2e-4)}, "
-            f"seed {r.seed}, launch `{r.launch or 'one process'}`; evaluation on "
+            f"seed {r.seed}, launch `{r.launch or 'one process'}`, mixed precision `{precision}`; evaluation on "
             f"{'all' if r.eval.limit is None else f'the first {r.eval.limit}'} held-out rows per task, "
             f"{'greedy' if r.eval.num_beams == 1 else f'beam {r.eval.num_beams}'}, {r.eval.max_new_tokens} new tokens. "
             f"Train / test folders: " + "; ".join(f"{k}: {v['train']} / {v['test']}" for k, v in folders.items()) + ".")
