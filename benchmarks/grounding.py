@@ -119,8 +119,7 @@ def summarise(results: list[dict], wall_s: float, out_dir: str, precision: str =
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trainer.experiments import _read_json, _slug, cells, load_recipe, run
-    from trainer.run import resolve_precision
+    from trainer.experiments import _read_json, _slug, cells, load_recipe, precision, run
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.grounding", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny random LLaMA, a few steps: a pipeline check")
@@ -138,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = run(recipe)
     results = [x for c in cells(recipe.grid)
                if (x := _read_json(os.path.join(summary["out_dir"], "cells", "grounding", _slug(c["name"]), "result.json")))]
-    out = summarise(results, time.time() - t0, summary["out_dir"], resolve_precision(recipe.mixed_precision))
+    out = summarise(results, time.time() - t0, summary["out_dir"], precision(recipe))
     print(json.dumps(out))
     return 0
 

@@ -185,7 +185,7 @@ def stage1_recipe(r: Recipe, folders: dict, aligned: bool = False) -> dict:
     # the paper aligns on molecule-text pairs: description data when the study has it, else every task
     align.setdefault("data", [folders["molcap"]["train"]] if "molcap" in folders else [f["train"] for f in folders.values()])
     rec = {"run_dir": os.path.join(r.out_dir, "stage1_aligned" if aligned else "stage1", "run"), "seed": r.seed,
-           "log_with": r.log_with, "mixed_precision": r.mixed_precision, "stages": ["align"], "align": align}
+           "log_with": r.log_with, "mixed_precision": precision(r), "stages": ["align"], "align": align}
     if aligned:
         a = copy.deepcopy(r.align_selfies)
         a.setdefault("data", [f["train"] for f in folders.values()])
@@ -205,7 +205,7 @@ def cell_recipe(r: Recipe, task: str, cell: dict, train: str, stage1_export: str
     lora.update(data=[train], projector=proj, prompt=prompt,
                 init_projector=os.path.join(stage1_export, "projector"), init_encoder=os.path.join(stage1_export, "encoder"))
     return {"run_dir": os.path.join(r.out_dir, "cells", task, _slug(cell["name"]), "run"), "seed": r.seed,
-            "log_with": r.log_with, "mixed_precision": r.mixed_precision, "stages": ["lora"], "lora": lora}
+            "log_with": r.log_with, "mixed_precision": precision(r), "stages": ["lora"], "lora": lora}
 
 
 def validate_runs(recipes: list[dict]) -> None:
@@ -334,7 +334,7 @@ def run_cell(r: Recipe, task: str, cell: dict, recipe: dict, test: str, key: str
     try:
         summary = train_run(recipe, folder, r.launch)["stages"]["lora"]
         t1 = time.time()
-        metrics, n = evaluate_cell(task, summary["export"], test, folder, r.eval, r.mixed_precision)
+        metrics, n = evaluate_cell(task, summary["export"], test, folder, r.eval, precision(r))
         result = {**base, "status": "done", "steps": summary["steps"], "train_loss": summary.get("loss"),
                   "samples": summary.get("samples"), "n_eval": n, "train_s": round(t1 - t0, 1),
                   "eval_s": round(time.time() - t1, 1), "metrics": metrics}
@@ -536,18 +536,22 @@ def grounding_folders(out: str, sources: list[str] | None = None, **kw) -> dict:
         return {s: (preprocess(f, f[:-6], fmt="instructions", progress=False), f[:-6])[1] for s, f in files.items()}
 
 
+def precision(r: Recipe) -> str:
+    """The runs' mixed precision, `auto` resolved as a one-process run resolves it (trainer.run), so a cell's key
+    names what it trained in: a study resumed on a machine without bf16 does not reuse bf16 cells. Under a
+    launch file each rank resolves it (DeepSpeed without a GPU keeps fp32)."""
+    from .run import resolve_precision
+
+    return resolve_precision(r.mixed_precision) if not r.launch else r.mixed_precision
+
+
 def scale_line(r: Recipe, stage1: dict, folders: dict) -> str:
     lora = r.lora
     t, b = lora.get("train", {}), lora.get("batching", {})
-    precision = r.mixed_precision
-    if precision == "auto" and not r.launch:  # resolved as the one-process runs resolve it
-        from .run import resolve_precision
-
-        precision = f"auto: {resolve_precision('auto')}"
     return (f"Scale: LLM `{lora.get('llm', {}).get('name', 'smollm2-135m')}`; stage 1 {stage1.get('steps')} steps; "
             f"stage 2 per cell {t.get('max_steps', 300)} steps x {t.get('grad_accum', 1)} micro-batches of "
             f"{b.get('rows', 1)} packed row(s) x {b.get('budget', 2048)} tokens per process, lr {t.get('lr', 2e-4)}, "
-            f"seed {r.seed}, launch `{r.launch or 'one process'}`, mixed precision `{precision}`; evaluation on "
+            f"seed {r.seed}, launch `{r.launch or 'one process'}`, mixed precision `{precision(r)}`; evaluation on "
             f"{'all' if r.eval.limit is None else f'the first {r.eval.limit}'} held-out rows per task, "
             f"{'greedy' if r.eval.num_beams == 1 else f'beam {r.eval.num_beams}'}, {r.eval.max_new_tokens} new tokens. "
             f"Train / test folders: " + "; ".join(f"{k}: {v['train']} / {v['test']}" for k, v in folders.items()) + ".")
