@@ -174,6 +174,8 @@ def main(argv=None) -> int:
                    help="autocast as in training (auto: bf16 where the hardware has native bf16 matmuls); "
                         "default: accelerate launch's --mixed_precision, else no")
     a = p.parse_args(argv)
+    if a.mixed_precision not in PRECISIONS:  # an environment default argparse does not check
+        p.error(f"--mixed-precision {a.mixed_precision!r}: one of {', '.join(PRECISIONS)}")
     from .models.export import resolve
 
     if not os.path.isdir(a.data):
