@@ -225,6 +225,7 @@ def test_bad_recipes_fail_before_compute(tmp_path, data):
              ("lora.llm.attn_implementation=flashy", "lora.llm.attn_implementation"),
              ("mixed_precision=fp8", "mixed_precision"),
              ("lora.prompt.use_graph=false", None)]
+    assert load_run_config(recipe, ["mixed_precision=no"]).mixed_precision == "no"  # YAML's false, as Accelerate writes it
     for override, named in cases:
         if named is None:  # a valid override changes only its own section (YAML aliases are not shared)
             cfg = load_run_config(recipe, [override])

@@ -104,8 +104,12 @@ class Recipe:
 
 
 def load_recipe(path: str, overrides: list[str] = ()) -> Recipe:
-    r = from_dict(Recipe, apply_overrides(load_yaml(path), list(overrides)))
     from .evaluate import TASKS
+    from .run import PRECISIONS, precision_value
+
+    r = from_dict(Recipe, precision_value(apply_overrides(load_yaml(path), list(overrides))))
+    if r.mixed_precision not in PRECISIONS:
+        raise ConfigError(f"mixed_precision: {r.mixed_precision!r} is not one of {', '.join(PRECISIONS)}")
 
     for t in r.tasks:
         if t not in TASKS:

@@ -52,7 +52,7 @@ def run_config(data: dict, source: str = "recipe") -> RunConfig:
             mod.validate(stage_cfgs[name])
         elif section is not None:
             raise ConfigError(f"section {name!r} is given but {name!r} is not in 'stages'")
-    cfg = from_dict(RunConfig, data)
+    cfg = from_dict(RunConfig, precision_value(data))
     if cfg.mixed_precision not in PRECISIONS:
         raise ConfigError(f"mixed_precision: {cfg.mixed_precision!r} is not one of {', '.join(PRECISIONS)}")
     cfg.stage_configs = stage_cfgs
@@ -60,6 +60,11 @@ def run_config(data: dict, source: str = "recipe") -> RunConfig:
 
 
 PRECISIONS = ("no", "bf16", "fp16", "auto")
+
+
+def precision_value(data: dict) -> dict:
+    """`mixed_precision: no` (Accelerate's spelling) reads as YAML false: take it as "no"."""
+    return {**data, "mixed_precision": "no"} if data.get("mixed_precision") is False else data
 
 
 def launch_env() -> tuple[bool, bool]:
