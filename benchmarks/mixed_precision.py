@@ -21,24 +21,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 import numpy as np
 import torch
 
-from benchmarks.train_step import run_mode
+from benchmarks.train_step import log, run_mode
 from trainer.dataset.tasks import ROOT
+from trainer.run import autocast, resolve_precision
 
 TARGETS = {"train_speedup_min": 1.3, "generate_speedup_min": 1.3, "first_loss_rel_diff_max": 0.01}
-
-
-def log(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def autocast(device: torch.device, bf16: bool):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 def main(argv=None) -> dict:
@@ -61,7 +53,6 @@ def main(argv=None) -> dict:
     from trainer.models.lora import add_lora
     from trainer.models.multimodal_lm import MultimodalLM
     from trainer.models.projector import GraphProjector, ProjectorConfig
-    from trainer.run import resolve_precision
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     log("grounding rows (built on the first run, then reused)")
@@ -88,7 +79,7 @@ def main(argv=None) -> dict:
             for q, s in zip(trainable, start):
                 q.copy_(s)
         opt = torch.optim.AdamW(trainable, lr=1e-3)
-        return run_mode(model, opt, steps, forward_ctx=lambda: autocast(device, bf16))
+        return run_mode(model, opt, steps, forward_ctx=lambda: autocast("bf16" if bf16 else "no", device.type))
 
     log(f"{len(subset)} samples in {len(batches)} packed rows of <= {a.budget} tokens; "
         f"{sum(q.numel() for q in trainable) / 1e6:.2f}M trainable; warm-up")
@@ -109,7 +100,7 @@ def main(argv=None) -> dict:
     answers, gen_s = {}, {}
     model.eval()
     for bf16 in (False, True):
-        with autocast(device, bf16):
+        with autocast("bf16" if bf16 else "no", device.type):
             predict(model, tok, test, rows[:8], batch_size=8, max_new_tokens=6)  # warm-up
             t0 = time.perf_counter()
             answers[bf16] = [x["prediction"] for x in predict(model, tok, test, rows, batch_size=24, max_new_tokens=6)]

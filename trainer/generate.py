@@ -24,7 +24,7 @@ import sys
 
 import torch
 
-from .run import PRECISIONS, launch_env, resolve_precision
+from .run import PRECISIONS, autocast, launch_env, resolve_precision
 
 
 @torch.no_grad()
@@ -202,9 +202,8 @@ def main(argv=None) -> int:
     # partitioned: every forward is a collective, so each rank runs as many batches as the rank with most rows
     most = -(-len(rows) // state.num_processes)
     precision = resolve_precision(a.mixed_precision)
-    autocast = torch.autocast(state.device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16,
-                              enabled=precision != "no")
-    with state.split_between_processes(rows) as mine, autocast:  # contiguous slices, in rank order
+    # contiguous slices, in rank order
+    with state.split_between_processes(rows) as mine, autocast(precision, state.device.type):
         preds = predict(model, tok, ds, list(mine), a.batch_size, min_batches=-(-most // a.batch_size) if partitioned else 0,
                         max_new_tokens=a.max_new_tokens, num_beams=a.num_beams)
     if partitioned:

@@ -53,8 +53,6 @@ def run_config(data: dict, source: str = "recipe") -> RunConfig:
         elif section is not None:
             raise ConfigError(f"section {name!r} is given but {name!r} is not in 'stages'")
     cfg = from_dict(RunConfig, precision_value(data))
-    if cfg.mixed_precision not in PRECISIONS:
-        raise ConfigError(f"mixed_precision: {cfg.mixed_precision!r} is not one of {', '.join(PRECISIONS)}")
     cfg.stage_configs = stage_cfgs
     return cfg
 
@@ -63,8 +61,21 @@ PRECISIONS = ("no", "bf16", "fp16", "auto")
 
 
 def precision_value(data: dict) -> dict:
-    """`mixed_precision: no` (Accelerate's spelling) reads as YAML false: take it as "no"."""
-    return {**data, "mixed_precision": "no"} if data.get("mixed_precision") is False else data
+    """`data` with its mixed_precision checked before compute; `mixed_precision: no` (Accelerate's spelling)
+    reads as YAML false and is taken as "no"."""
+    value = data.get("mixed_precision", "no")
+    value = "no" if value is False else value
+    if value not in PRECISIONS:
+        raise ConfigError(f"mixed_precision: {value!r} is not one of {', '.join(PRECISIONS)}")
+    return {**data, "mixed_precision": value} if "mixed_precision" in data else data
+
+
+def autocast(precision: str, device_type: str):
+    """The autocast context of a resolved precision (no: a disabled one)."""
+    import torch
+
+    return torch.autocast(device_type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16,
+                          enabled=precision != "no")
 
 
 def launch_env() -> tuple[bool, bool]:
