@@ -335,6 +335,7 @@ def worker(a) -> None:
     from trainer.models.lora import add_lora
     from trainer.models.multimodal_lm import MultimodalLM
     from trainer.models.projector import GraphProjector, ProjectorConfig
+    from trainer.models.zero3 import is_zero3_param
 
     def say(msg):
         if acc.is_main_process:
@@ -356,7 +357,7 @@ def worker(a) -> None:
     say(f"LLM loaded in {time.time() - t0:.1f} s, vocabulary in {a.vocab_chunks or 'one'} block(s) "
         f"(peak RSS {rss_after_llm:.0f} MB)")
     llm_params = unique_params(lm)  # the blocks included: they must be partitioned as they are created
-    zero_init = all(hasattr(p, "ds_id") for p in llm_params)
+    zero_init = all(is_zero3_param(p) for p in llm_params)
     if zero3:
         if not zero_init:
             raise AssertionError("ZeRO-3: an LLM tensor was not built inside deepspeed.zero.Init")

@@ -22,12 +22,14 @@ import shutil
 
 import torch
 
+from .zero3 import is_zero3_param
+
 CONFIG_NAME = "m3mol_config.json"
 
 
 def _gathered(params: list):
     """Full parameters inside the block on every rank (ZeRO-3), a no-op otherwise."""
-    if any(hasattr(p, "ds_id") for p in params):
+    if any(is_zero3_param(p) for p in params):
         import deepspeed
 
         return deepspeed.zero.GatheredParameters(params, modifier_rank=None)

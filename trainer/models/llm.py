@@ -341,7 +341,7 @@ def load_partitions(lm, files: list[str], sources: dict | None = None) -> None:
     for parameters that hold a row block of a stored tensor (the vocabulary blocks)."""
     from safetensors import safe_open
 
-    from .vocab_chunks import local_range
+    from .zero3 import local_range
 
     where, shapes = {}, {}
     for file in files:

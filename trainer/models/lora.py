@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _partitioned(lm: torch.nn.Module) -> bool:
-    return any(hasattr(p, "ds_id") for p in lm.parameters())
+from .zero3 import is_zero3_param
 
 
 def add_lora(lm, r: int, alpha: float, dropout: float = 0.0, target_modules="all-linear", task_type=None):
@@ -32,7 +30,7 @@ def add_lora(lm, r: int, alpha: float, dropout: float = 0.0, target_modules="all
     # matrix has no whole tensor to re-draw, so A keeps nn.Linear's draw (same distribution) on both paths
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
                         task_type=task_type, init_lora_weights=False)
-    if _partitioned(lm):
+    if any(is_zero3_param(p) for p in lm.parameters()):
         from .llm import zero_init
 
         # the LLM's dtype (zero.Init's own choice where it ignores dtype: the DeepSpeed config's precision);

@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .zero3 import is_zero3_param
+
 
 class VocabChunk(nn.Module):
     """One row block [rows, hidden] of a vocabulary matrix. Both uses go through `__call__`, so ZeRO-3's
@@ -76,23 +78,6 @@ def block_starts(sizes: list[int]) -> list[int]:
     return [sum(sizes[:i]) for i in range(len(sizes))]
 
 
-def _zero3(w: torch.Tensor) -> bool:
-    """A ZeRO-3 parameter (built inside `deepspeed.zero.Init`): its own tensor is empty, `ds_tensor` its slice."""
-    return hasattr(w, "ds_id")
-
-
-def local_range(w: torch.Tensor) -> tuple[int, int, torch.Tensor]:
-    """(start, n, partition) of a ZeRO-3 parameter on this rank: rank r holds the flat elements
-    [r * n, (r + 1) * n) of the tensor (n = partition size, the last rank's tail is padding)."""
-    import torch.distributed as dist
-
-    part = w.ds_tensor
-    if hasattr(part, "ds_quant_scale") or getattr(part, "final_location", None) is not None:
-        raise NotImplementedError("quantised or NVMe-offloaded ZeRO-3 weights are not supported")
-    n = part.numel()
-    return dist.get_rank(group=w.ds_process_group) * n, n, part
-
-
 def _chunked(w: torch.Tensor, sizes: list[int]) -> nn.ModuleList:
     """Frozen blocks of a plain weight: views, so chunking copies nothing."""
     return nn.ModuleList(VocabChunk(w.detach()[a:a + rows]) for a, rows in zip(block_starts(sizes), sizes))
@@ -134,7 +119,7 @@ def chunk_vocab(llm, chunks: int):
     if isinstance(emb, ChunkedVocab):
         raise ValueError("the vocabulary is already chunked")
     w = emb.weight
-    if _zero3(w):
+    if is_zero3_param(w):
         raise ValueError("chunk_vocab: the model is ZeRO-3 partitioned; build it with "
                          "trainer.models.llm.load_llm(..., vocab_chunks=N), which creates the blocks partitioned")
     sizes = chunk_sizes(w.shape[0], chunks)
